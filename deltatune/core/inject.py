@@ -1,0 +1,165 @@
+"""Apply and undo tuners on a model. This is the only code that replaces modules in a model.
+
+The model as the user sees it: a DeltaWrapper shows as its base layer, a ModulesToSave as its
+original module, so matching a second adapter gives the same names as the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from deltatune import backends
+from deltatune.core import matching
+from deltatune.core.config import ConfigError, TunerConfig
+from deltatune.core.registry import TunerSpec
+from deltatune.core.wrapper import DeltaWrapper, ModulesToSave
+
+_WRAPPERS = (DeltaWrapper, ModulesToSave)
+
+
+def user_view(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) over the model with wrappers shown as the module they wrap."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, DeltaWrapper):
+            yield path, child.base_layer
+        elif isinstance(child, ModulesToSave):
+            yield path, child.original_module
+        else:
+            yield path, child
+            yield from user_view(child, path)
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _output_head_name(model: nn.Module) -> str | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return None
+    for name, module in user_view(model):
+        if module is head:
+            return name
+    return None
+
+
+def resolve_targets(model: nn.Module, spec: TunerSpec, config: TunerConfig) -> tuple[TunerConfig, list[str]]:
+    """Match a delta tuner's config to module names; return (config with expanded targets, names)."""
+    view = dict(user_view(model))
+    names = list(view)
+    if config.target_modules is None:
+        raise ConfigError(
+            f"{type(config).__name__}.target_modules is not set; name the layers to adapt, e.g. "
+            f"['q_proj', 'v_proj'] or 'all-linear'. Layers here: {matching.leaf_names(names)[:40]}"
+        )
+    if config.target_modules == "all-linear":
+        linear = [n for n, m in view.items() if backends.is_linear_like(m) and not isinstance(m, _WRAPPERS)]
+        linear = [n for n in linear if not matching.is_excluded(n, config)]
+        config = config.replace(target_modules=matching.expand_all_linear(linear, _output_head_name(model)))
+    match = matching.find_targets(names, config)
+    matching.check_match(match, names, config)
+    for name in match.targets:
+        info = backends.describe(view[name])
+        if info is None or info.kind not in spec.dispatch:
+            kind = info.kind if info else type(view[name]).__name__
+            raise ConfigError(
+                f"target module {name!r} is a {type(view[name]).__name__} ({kind}); tuner {spec.name!r} "
+                f"supports layer kinds {list(spec.dispatch)}. Narrow target_modules to those layers."
+            )
+    if spec.prepare is not None:
+        config = spec.prepare(model, config, match.targets)
+    return config, match.targets
+
+
+def inject_deltas(
+    model: nn.Module, spec: TunerSpec, config: TunerConfig, adapter_name: str, targets: list[str], *, run_init: bool = True
+) -> None:
+    """Wrap each target (once) and add this adapter's delta to it."""
+    assert spec.build is not None, f"delta tuner {spec.name} has no build()"
+    for name in targets:
+        module = model.get_submodule(name)
+        wrapper = module if isinstance(module, DeltaWrapper) else None
+        base = wrapper.base_layer if wrapper else module
+        info = backends.describe(base)
+        delta = spec.build(config, info, name)
+        weight = getattr(base, "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) else None
+        if device is not None and device.type != "meta":
+            delta.to(device)
+        if wrapper is None:
+            wrapper = DeltaWrapper(base, info)
+            _set_module(model, name, wrapper)
+        wrapper.deltas[adapter_name] = delta
+        init = getattr(delta, "init_from_base", None)
+        if run_init and callable(init):
+            init(lambda b=base: backends.read_weight(b), lambda w, b=base: backends.write_weight(b, w))
+
+
+def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
+    """Give each named module a trainable per-adapter copy; returns the module paths."""
+    view = dict(user_view(model))
+    paths = [n for n in view if any(n == key or n.endswith("." + key) for key in names)]
+    if not paths:
+        raise ConfigError(
+            f"modules_to_save={names!r} matched no module; module names here: {matching.leaf_names(view)[:40]}"
+        )
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, DeltaWrapper):
+            raise ConfigError(f"{path!r} is both a tuner target and in modules_to_save; choose one")
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _set_module(model, path, module)
+        module.add(adapter_name)
+    return paths
+
+
+def delta_wrappers(model: nn.Module) -> Iterator[tuple[str, DeltaWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaWrapper):
+            yield name, module
+
+
+def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Drop one adapter's deltas and module copies; unwrap layers left with nothing."""
+    for name, wrapper in list(delta_wrappers(model)):
+        if adapter_name in wrapper.deltas:
+            if adapter_name in wrapper.merged:
+                raise RuntimeError(f"adapter {adapter_name!r} is merged into {name}; unmerge it first")
+            del wrapper.deltas[adapter_name]
+            wrapper.active = [a for a in wrapper.active if a != adapter_name]
+        if len(wrapper.deltas) == 0:
+            _set_module(model, name, wrapper.base_layer)
+    for name, saver in list(save_wrappers(model)):
+        if adapter_name in saver.modules_to_save:
+            del saver.modules_to_save[adapter_name]
+            if saver.active == adapter_name:
+                saver.active = None
+        if len(saver.modules_to_save) == 0:
+            _set_module(model, name, saver.original_module)
+
+
+def unwrap_all(model: nn.Module, *, keep_module_copies_of: str | None = None) -> nn.Module:
+    """Restore the plain module tree. With `keep_module_copies_of`, trained module copies of that
+    adapter replace the originals (as merge_and_unload does)."""
+    for name, wrapper in list(delta_wrappers(model)):
+        _set_module(model, name, wrapper.base_layer)
+    for name, saver in list(save_wrappers(model)):
+        chosen = saver.original_module
+        if keep_module_copies_of is not None and keep_module_copies_of in saver.modules_to_save:
+            chosen = saver.modules_to_save[keep_module_copies_of]
+        _set_module(model, name, chosen)
+    return model

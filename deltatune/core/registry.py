@@ -1,0 +1,109 @@
+"""Name -> tuner spec. Adding a tuner is one file in tuners/ plus one line in `_BUILTIN_MODULES`.
+
+Nothing outside a tuner's own file names that tuner: shared code asks the spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from deltatune.core.config import ConfigError, TunerConfig
+
+Kind = Literal["delta", "input", "side", "select"]
+
+# One line per built-in tuner module; each defines SPEC (or SPECS).
+_BUILTIN_MODULES: tuple[str, ...] = ("deltatune.tuners.lora",)
+
+
+@dataclass(frozen=True)
+class TunerSpec:
+    """Everything shared code needs to know about a tuner.
+
+    Delta tuners give `build(config, layer_info, module_name) -> nn.Module` and the layer kinds
+    they accept (`dispatch`); other kinds give an `attach(model, config, adapter_name) -> Attachment`
+    that owns its own injection (see deltatune.core.inject).
+    """
+
+    name: str
+    kind: Kind
+    config: type[TunerConfig]
+    peft_type: str
+    dispatch: tuple[str, ...] = ()
+    build: Callable[..., nn.Module] | None = None
+    attach: Callable[..., Any] | None = None
+    prepare: Callable[[nn.Module, TunerConfig, list[str]], TunerConfig] | None = None
+    """Optional: adjust a config once targets are known (e.g. set fan_in_fan_out for Conv1D)."""
+    extra_trainable: Callable[[nn.Module, TunerConfig, list[str]], list[str]] | None = None
+    """Optional: names of base parameters this tuner also trains and saves (e.g. LoRA bias="all")."""
+    example_configs: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    """Configs the contract test matrix runs (target_modules is filled in per model)."""
+    paper: str = ""
+
+
+_REGISTRY: dict[str, TunerSpec] = {}
+_BY_PEFT_TYPE: dict[str, TunerSpec] = {}
+_loaded = False
+
+
+def register(spec: TunerSpec) -> TunerSpec:
+    """Add a tuner (built-ins register at import; users may register their own)."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"a tuner named {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    _BY_PEFT_TYPE.setdefault(spec.peft_type, spec)
+    return spec
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module_name in _BUILTIN_MODULES:
+        module = importlib.import_module(module_name)
+        specs: Sequence[TunerSpec] = getattr(module, "SPECS", None) or [module.SPEC]
+        for spec in specs:
+            register(spec)
+
+
+def get_spec(name: str) -> TunerSpec:
+    """Spec by registry name (case-insensitive); unknown names list the known ones."""
+    _load_builtins()
+    spec = _REGISTRY.get(name.lower()) if isinstance(name, str) else None
+    if spec is None:
+        raise ConfigError(f"unknown tuner {name!r}; known tuners: {', '.join(sorted(_REGISTRY))}")
+    return spec
+
+
+def spec_for_config(config: TunerConfig) -> TunerSpec:
+    """Spec owning a config instance."""
+    _load_builtins()
+    for spec in _REGISTRY.values():
+        if type(config) is spec.config:
+            return spec
+    raise ConfigError(f"{type(config).__name__} is not the config of any registered tuner")
+
+
+def spec_for_saved(data: dict[str, Any], source: str) -> TunerSpec:
+    """Spec for a saved config dict: our 'tuner' key wins, else peft's 'peft_type'."""
+    _load_builtins()
+    if isinstance(data.get("tuner"), str):
+        return get_spec(data["tuner"])
+    peft_type = data.get("peft_type")
+    if peft_type is None:
+        raise ConfigError(f"{source}: no 'peft_type' field; this is not an adapter config")
+    spec = _BY_PEFT_TYPE.get(str(peft_type).upper())
+    if spec is None:
+        known = ", ".join(sorted(_BY_PEFT_TYPE))
+        raise ConfigError(f"{source}: peft_type={peft_type!r} is not supported by deltatune (supported: {known})")
+    return spec
+
+
+def all_specs() -> list[TunerSpec]:
+    _load_builtins()
+    return list(_REGISTRY.values())

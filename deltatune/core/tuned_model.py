@@ -1,0 +1,376 @@
+"""TunedModel: a base model plus named adapters, with peft.PeftModel's methods.
+
+The model keeps its own module tree; targets are wrapped in place (DeltaWrapper /
+ModulesToSave). Which parameters train is derived, never stored: a parameter requires grad
+exactly when it belongs to an active adapter that is not in inference mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.core import inject
+from deltatune.core.config import ConfigError, TunerConfig, check_adapter_name
+from deltatune.core.registry import TunerSpec, spec_for_config
+from deltatune.core.wrapper import DeltaWrapper, ModulesToSave
+
+_AUTO_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+
+
+class AdapterLoadError(ValueError):
+    """Adapter tensors do not fit this model; the model was left unchanged."""
+
+
+@dataclass
+class Adapter:
+    """One named adapter: its config, spec, and what it touched."""
+
+    config: TunerConfig
+    spec: TunerSpec
+    targets: list[str] = field(default_factory=list)
+    saved_modules: list[str] = field(default_factory=list)
+    extra_params: list[str] = field(default_factory=list)
+
+
+def _is_wrapped(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") or any(isinstance(m, (DeltaWrapper, ModulesToSave)) for m in model.modules())
+
+
+class TunedModel(nn.Module):
+    """A base model with one or more adapters. Build with `get_tuned_model` or `from_pretrained`."""
+
+    def __init__(self, model: nn.Module, config: TunerConfig | None, adapter_name: str = "default"):
+        super().__init__()
+        if isinstance(model, TunedModel) or _is_wrapped(model):
+            raise ConfigError(
+                "this model is already wrapped by a tuner (deltatune or peft); add another adapter with "
+                "tuned.add_adapter(name, config) instead of wrapping again, or unload() first"
+            )
+        self.model = model
+        self.adapters: dict[str, Adapter] = {}
+        self._active: list[str] = []
+        self._disabled = False
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    # -- attribute fall-through (config, device, generation_config, ...) ----------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- forward / generate ---------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with adapter layers in place)."""
+        return self.model
+
+    # -- adapters ------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if len(self._active) == 1 else ",".join(self._active)
+
+    @property
+    def peft_config(self) -> dict[str, TunerConfig]:
+        return {name: adapter.config for name, adapter in self.adapters.items()}
+
+    def add_adapter(self, adapter_name: str, config: TunerConfig, *, _loading: bool = False) -> None:
+        """Inject a new adapter (inactive until `set_adapter`), validating everything first."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it")
+        if not isinstance(config, TunerConfig):
+            raise ConfigError(f"expected a tuner config (e.g. LoraConfig), got {type(config).__name__}")
+        spec = spec_for_config(config)
+        auto = _AUTO_HEADS.get(config.task_type or "")
+        if auto:
+            wanted = list(dict.fromkeys((config.modules_to_save or []) + auto))
+            config = config.replace(modules_to_save=wanted)
+        if spec.kind != "delta":
+            raise ConfigError(f"tuner kind {spec.kind!r} of {spec.name!r} is not supported by this TunedModel yet")
+        config, targets = inject.resolve_targets(self.model, spec, config)
+        try:
+            inject.inject_deltas(self.model, spec, config, adapter_name, targets, run_init=not _loading)
+            saved = inject.add_modules_to_save(self.model, config.modules_to_save, adapter_name) if config.modules_to_save else []
+        except BaseException:
+            inject.remove_adapter(self.model, adapter_name)
+            raise
+        extra = spec.extra_trainable(self.model, config, targets) if spec.extra_trainable else []
+        self.adapters[adapter_name] = Adapter(config, spec, targets, saved, extra)
+        self._refresh()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter (or several, composed) active; its parameters become trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.adapters:
+                raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapters)}")
+        self._active = names
+        self._refresh()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapters:
+            raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapters)}")
+        inject.remove_adapter(self.model, adapter_name)
+        del self.adapters[adapter_name]
+        self._active = [a for a in self._active if a != adapter_name]
+        if not self._active and self.adapters:
+            self._active = [next(iter(self.adapters))]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Push active/disabled state into the layers and derive requires_grad."""
+        for _, wrapper in inject.delta_wrappers(self.model):
+            wrapper.active = [a for a in self._active if a in wrapper.deltas]
+            wrapper.disabled = self._disabled
+        for _, saver in inject.save_wrappers(self.model):
+            saver.active = next((a for a in self._active if a in saver.modules_to_save), None)
+            saver.disabled = self._disabled
+        trainable = {a for a in self._active if not self.adapters[a].config.inference_mode}
+        owned = self._param_owners()
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(bool(owned.get(name, set()) & trainable))
+
+    def _param_owners(self) -> dict[str, set[str]]:
+        owners: dict[str, set[str]] = {}
+        for name, _ in self.model.named_parameters():
+            adapter = _adapter_of(name)
+            if adapter is not None:
+                owners.setdefault(name, set()).add(adapter)
+        for adapter_name, adapter in self.adapters.items():
+            for name in adapter.extra_params:
+                owners.setdefault(name, set()).add(adapter_name)
+        return owners
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model computes exactly what the base model computes."""
+        merged = {name: list(w.merged) for name, w in inject.delta_wrappers(self.model) if w.merged}
+        if merged:
+            self.unmerge_adapter()
+        self._disabled = True
+        self._refresh()
+        try:
+            yield
+        finally:
+            self._disabled = False
+            self._refresh()
+            for name, adapters in merged.items():
+                self.model.get_submodule(name).merge(adapters)
+
+    # -- merge -----------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = True) -> None:
+        """Fold adapters (default: the active ones) into the base weights; undo with unmerge_adapter.
+
+        With safe_merge (default) a merge that would give NaN/inf raises MergeError and leaves
+        every layer as it was."""
+        names = adapter_names or self._active
+        done: list[DeltaWrapper] = []
+        try:
+            for _, wrapper in inject.delta_wrappers(self.model):
+                before = len(wrapper.merged)
+                wrapper.merge(names, safe=safe_merge)
+                if len(wrapper.merged) > before:
+                    done.append(wrapper)
+        except BaseException:
+            for wrapper in done:
+                wrapper.unmerge()
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for _, wrapper in inject.delta_wrappers(self.model):
+            wrapper.unmerge()
+
+    def merge_and_unload(self, *, safe_merge: bool = True, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge (default: active adapters) and return the plain base model with them folded in."""
+        names = adapter_names or self._active
+        self.merge_adapter(names, safe_merge=safe_merge)
+        return self._strip(keep_module_copies_of=names[0] if names else None)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; returns the original base model."""
+        self.unmerge_adapter()
+        return self._strip(keep_module_copies_of=None)
+
+    def _strip(self, keep_module_copies_of: str | None) -> nn.Module:
+        model = inject.unwrap_all(self.model, keep_module_copies_of=keep_module_copies_of)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.adapters.clear()
+        self._active = []
+        return model
+
+    # -- parameters ------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; a 4-bit packed parameter counts its real values."""
+        trainable = total = 0
+        for param in self.parameters():
+            count = param.numel()
+            if hasattr(param, "quant_state") or type(param).__name__ == "Params4bit":
+                count *= 2
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- state -----------------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """This adapter's tensors keyed as in the peft file (module path, no adapter name)."""
+        name = adapter_name or self._active[0]
+        adapter = self.adapters[name]
+        out: dict[str, torch.Tensor] = {}
+        extra = set(adapter.extra_params)
+        for key, value in self.model.state_dict().items():
+            file_key = _file_key(key, name)
+            if file_key is not None:
+                out[file_key] = value
+            elif key in extra:
+                out[key] = value
+        return out
+
+    def _base_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items() if _adapter_of(k) is None}
+
+    def load_adapter_state_dict(self, adapter_name: str, tensors: dict[str, torch.Tensor], *, source: str = "") -> None:
+        """Strictly copy tensors into an adapter: exact key set, equal shapes; else nothing changes.
+
+        Keys naming a frozen base tensor (peft saves embedding bases this way) are accepted only when
+        they equal the model's own value: loading an adapter never overwrites base weights."""
+        where = f" ({source})" if source else ""
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            base = self._base_state()
+            for key in list(unexpected):
+                if key in base and base[key].shape == tensors[key].shape:
+                    if not torch.allclose(base[key].float(), tensors[key].float(), atol=1e-6, rtol=1e-5):
+                        raise AdapterLoadError(
+                            f"adapter{where} holds base tensor {key!r} that differs from this model's; loading "
+                            "it would overwrite base weights. Use the base model the adapter was trained on."
+                        )
+                    unexpected.remove(key)
+        if missing or unexpected:
+            raise AdapterLoadError(
+                f"adapter{where} does not fit this model: missing keys {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+                f"{' ...' if len(unexpected) > 10 else ''}. Is it for another base model or target_modules?"
+            )
+        for key, target in expected.items():
+            if tuple(tensors[key].shape) != tuple(target.shape):
+                raise AdapterLoadError(
+                    f"adapter{where}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the file but "
+                    f"{tuple(target.shape)} in the model; the adapter was made for a different base model or r"
+                )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any) -> None:
+        """PEFT-format directory: "default" at the top, any other adapter in a subfolder of its name."""
+        from deltatune.io import write_adapter
+
+        out = Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"save_directory {str(out)!r} is a file; give a directory")
+        names = selected_adapters or list(self.adapters)
+        for name in names:
+            if name not in self.adapters:
+                raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapters)}")
+            config = self.adapters[name].config
+            base_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+            config = config.replace(inference_mode=True, base_model_name_or_path=config.base_model_name_or_path or base_path)
+            folder = out if name == "default" else out / name
+            write_adapter(folder, config, self.adapter_state_dict(name))
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
+        """Load a saved adapter (ours or peft's) under a new name; it is not activated."""
+        from deltatune.io.peft_format import read_config, read_tensors
+
+        check_adapter_name(adapter_name)
+        config = read_config(model_id)
+        tensors = read_tensors(model_id)
+        config = config.replace(inference_mode=not is_trainable)
+        if str(config.init_lora_weights if hasattr(config, "init_lora_weights") else "").startswith(("pissa", "olora")):
+            warnings.warn(
+                f"{model_id}: this adapter was initialised with {config.init_lora_weights!r}, which rewrites the base "
+                "weights; it reproduces the trained model only on that residual base",
+                stacklevel=2,
+            )
+        self.add_adapter(adapter_name, config, _loading=True)
+        try:
+            self.load_adapter_state_dict(adapter_name, tensors, source=str(model_id))
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        self._refresh()
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **_: Any
+    ) -> TunedModel:
+        """Wrap `model` with an adapter saved by `save_pretrained` (or by peft)."""
+        from deltatune.io.peft_format import read_config, read_tensors
+
+        check_adapter_name(adapter_name)
+        config = read_config(model_id).replace(inference_mode=not is_trainable)
+        tensors = read_tensors(model_id)
+        tuned = cls(model, None)
+        tuned.add_adapter(adapter_name, config, _loading=True)
+        try:
+            tuned.load_adapter_state_dict(adapter_name, tensors, source=str(model_id))
+        except BaseException:
+            tuned.unload()
+            raise
+        tuned.set_adapter(adapter_name)
+        return tuned
+
+
+_DELTA_KEY = re.compile(r"^(?P<path>.*)\.(?:deltas|modules_to_save)\.(?P<adapter>[^.]+)\.(?P<rest>.+)$")
+
+
+def _adapter_of(key: str) -> str | None:
+    found = _DELTA_KEY.match(key)
+    return found.group("adapter") if found else None
+
+
+def _file_key(key: str, adapter_name: str) -> str | None:
+    found = _DELTA_KEY.match(key)
+    if found is None or found.group("adapter") != adapter_name:
+        return None
+    return f"{found.group('path')}.{found.group('rest')}"
+
+
+def get_tuned_model(model: nn.Module, config: TunerConfig, adapter_name: str = "default") -> TunedModel:
+    """Freeze `model` and inject an adapter described by `config`."""
+    return TunedModel(model, config, adapter_name)

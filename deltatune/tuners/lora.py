@@ -1,0 +1,376 @@
+"""LoRA: y = base(x) + s * B A dropout(x), with A in R^{r x in}, B in R^{out x r}, s = alpha / r.
+
+Hu et al. 2021, https://arxiv.org/abs/2106.09685. B starts at zero, so a freshly injected model
+computes exactly what the base model computes; only A and B train, r * (in + out) values per layer.
+
+Variants, all in this file:
+- rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732): s = alpha / sqrt(r), which keeps
+  the update's scale stable as r grows.
+- DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): W' = m * (W + s B A) / ||W + s B A||_row.
+  The direction gets the low-rank update, the per-output magnitude m (init ||W||_row) trains on
+  its own. The norm is treated as a constant in backward (paper, section 4.3). Unmerged:
+      y = base(x) + (m/n - 1) * (W x) + (m/n) * s * B A x,      n = ||W + s B A||_row (detached)
+- Initialisations (`init_lora_weights`): True (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r),
+  B = 0), False (both random: the adapter changes the output at once; for tests), "pissa"
+  (Meng et al. 2024, https://arxiv.org/abs/2404.02948: A, B from the top-r singular triplets of W,
+  and W := W - s B A), "olora" (Büyükakyüz 2024, https://arxiv.org/abs/2406.01775: A, B from a QR
+  decomposition of W, and W := W - s B A). PiSSA/OLoRA rewrite the base weight, so such an
+  adapter belongs with that residual base (or merge it: merge_and_unload gives the full model).
+- Layer kinds: Linear and GPT-2 Conv1D (canonical (out, in) weight), Embedding (A: (r, vocab),
+  B: (dim, r), peft's layout), Conv1d/2d/3d (A: a conv with the base's kernel, B: a 1x1 conv).
+
+Weights are kept in fp32 (the master copy) whatever the base dtype; each forward casts the small
+A and B to the activation dtype instead of casting activations up.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.backends import LayerInfo
+from deltatune.core.config import ConfigError, TunerConfig
+from deltatune.core.registry import TunerSpec
+from deltatune.core.wrapper import BaseCall
+
+
+@dataclass(kw_only=True)
+class LoraConfig(TunerConfig):
+    """Configuration of a LoRA / DoRA / rsLoRA adapter (field names and meanings are peft's)."""
+
+    tuner_name = "lora"
+    peft_type = "LORA"
+    unsupported_peft_keys = {
+        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "eva_config": None,
+        "kasa_config": None, "layer_replication": None, "loftq_config": {}, "lora_bias": False,
+        "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
+        "monteclora_config": None, "qalora_group_size": 16, "target_parameters": None,
+        "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+        "ensure_weight_tying": False,
+    }  # fmt: skip
+
+    r: int = 8
+    """Rank of the update; trainable values per target = r * (in + out)."""
+    lora_alpha: float = 8
+    """Numerator of the update scale (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of A only; the frozen path is never dropped. 0 skips the copy."""
+    fan_in_fan_out: bool = False
+    """Set automatically for GPT-2 Conv1D targets (weights stored as (in, out)); kept for peft."""
+    bias: str = "none"
+    """Which base biases also train and are saved: "none", "all", or "lora_only" (targets' biases)."""
+    use_rslora: bool = False
+    """Scale by lora_alpha / sqrt(r) (rank-stabilized LoRA)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA: train a per-output magnitude as well as the low-rank direction."""
+    init_lora_weights: bool | str = True
+    """True, "gaussian", False, "pissa" (or "pissa_niter_K"), or "olora"."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {regex on the name's tail: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides: {regex on the name's tail: alpha}."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ConfigError(f"r must be an integer >= 1, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _pissa_niter(init)):
+            raise ConfigError(
+                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora', got {init!r}"
+            )
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"{name} must be a dict {{regex: value}}, got {pattern!r}")
+            for key, value in pattern.items():
+                if not isinstance(value, (int, float)) or value <= 0 or (name == "rank_pattern" and value != int(value)):
+                    raise ConfigError(f"{name}[{key!r}] must be a positive {'integer' if name == 'rank_pattern' else 'number'}")
+
+
+def _pissa_niter(init: Any) -> int | None:
+    found = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
+    return int(found.group(1)) if found else None
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """peft's get_pattern_key: the first pattern matching the end of the dotted name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# Math modules: tensors and plain numbers only.
+# ---------------------------------------------------------------------------------------------
+class _LoraBase(nn.Module):
+    """Shared merge/DoRA logic; subclasses give the update's dense form and its forward."""
+
+    def __init__(self, *, r: int, scale: float, dropout: float, use_dora: bool, init: bool | str):
+        super().__init__()
+        self.r, self.scale, self.use_dora, self.init = r, scale, use_dora, init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._merge_norm: torch.Tensor | None = None
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A in the base's canonical layout, fp32."""
+        raise NotImplementedError
+
+    # DoRA: norm of each output row/channel of (W + s B A); the magnitude divides by it.
+    def _norm_dims(self, weight: torch.Tensor) -> tuple[int, ...]:
+        return tuple(range(1, weight.dim()))
+
+    def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(weight + delta, dim=self._norm_dims(weight))  # (out,)
+
+    def _magnitude_view(self, weight: torch.Tensor) -> tuple[int, ...]:
+        return (-1,) + (1,) * (weight.dim() - 1)
+
+    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta = self.delta_weight().to(weight)
+        if not self.use_dora:
+            return weight + delta, bias
+        norm = self._dora_norm(weight, delta)
+        self._merge_norm = norm
+        scale = (self.lora_magnitude_vector.float().flatten() / norm).view(self._magnitude_view(weight))
+        return scale * (weight + delta), bias
+
+    def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta = self.delta_weight().to(weight)
+        if not self.use_dora:
+            return weight - delta, bias
+        assert self._merge_norm is not None, "unmerge without a merge"
+        scale = (self.lora_magnitude_vector.float().flatten() / self._merge_norm).view(self._magnitude_view(weight))
+        self._merge_norm = None
+        return weight / scale - delta, bias
+
+    def init_from_base(self, read_weight, write_weight) -> None:
+        """PiSSA/OLoRA (rewrite the base) and DoRA's magnitude need the base weight."""
+        if self.init in ("pissa", "olora") or _pissa_niter(self.init):
+            self._init_from_decomposition(read_weight, write_weight)
+        if self.use_dora:
+            weight = read_weight().float()
+            with torch.no_grad():
+                norm = self._dora_norm(weight, self.delta_weight().to(weight))
+                self.lora_magnitude_vector.copy_(norm.reshape(self.lora_magnitude_vector.shape))
+
+    def _init_from_decomposition(self, read_weight, write_weight) -> None:
+        raise ConfigError(f"init_lora_weights={self.init!r} is only supported on linear layers")
+
+
+class LoraLinear(_LoraBase):
+    """Low-rank update of a linear map with canonical weight (out_features, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, **kw: Any):
+        super().__init__(**kw)
+        r = kw["r"]
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features))
+        if self.init is True or self.init in ("pissa", "olora") or _pissa_niter(self.init):
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        elif self.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale  # (out, in)
+
+    def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
+        result = base(x)
+        a = self.lora_A.weight.to(x.dtype)
+        b = self.lora_B.weight.to(x.dtype)
+        dropped = self.dropout(x)
+        update = F.linear(F.linear(dropped, a), b)  # (..., out)
+        if not self.use_dora:
+            return result + update * self.scale
+        weight = base.weight().to(x.dtype)  # (out, in)
+        with torch.no_grad():
+            norm = self._dora_norm(weight, (b @ a) * self.scale)  # (out,)
+        magnitude = self.lora_magnitude_vector.to(x.dtype)
+        ratio = magnitude / norm  # (out,)
+        if isinstance(self.dropout, nn.Identity):
+            base_out = result if base.bias is None else result - base.bias.to(result.dtype)
+        else:
+            base_out = F.linear(dropped, weight)
+        return result + (ratio - 1) * base_out + ratio * update * self.scale
+
+    def _init_from_decomposition(self, read_weight, write_weight) -> None:
+        weight = read_weight().float()  # (out, in)
+        r = self.r
+        with torch.no_grad():
+            if self.init == "olora":
+                q, rr = torch.linalg.qr(weight)
+                a, b = rr[:r].contiguous(), q[:, :r].contiguous()
+            else:
+                niter = _pissa_niter(self.init)
+                if niter is None:
+                    v, s, uh = torch.linalg.svd(weight, full_matrices=False)
+                    vr, sr, uhr = v[:, :r], s[:r] / self.scale, uh[:r]
+                else:
+                    vr, sr, ur = torch.svd_lowrank(weight, q=r, niter=niter)
+                    sr, uhr = sr / self.scale, ur.T
+                a = torch.diag(torch.sqrt(sr)) @ uhr  # (r, in)
+                b = vr @ torch.diag(torch.sqrt(sr))  # (out, r)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+            write_weight(weight - self.scale * (b @ a))
+
+
+class LoraEmbedding(_LoraBase):
+    """Low-rank update of an embedding table (num_embeddings, dim); peft's parameter layout."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, padding_idx: int | None, **kw: Any):
+        super().__init__(**kw)
+        r = kw["r"]
+        self.padding_idx = padding_idx
+        self.lora_embedding_A = nn.Parameter(torch.randn(r, num_embeddings))  # (r, vocab)
+        self.lora_embedding_B = nn.Parameter(torch.randn(embedding_dim, r))  # (dim, r)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(embedding_dim))
+        if self.init is not False:
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scale  # (vocab, dim)
+
+    # DoRA on embeddings normalises each embedding dimension over the vocabulary (peft's choice).
+    def _norm_dims(self, weight: torch.Tensor) -> tuple[int, ...]:
+        return (0,)
+
+    def _magnitude_view(self, weight: torch.Tensor) -> tuple[int, ...]:
+        return (1, -1)
+
+    def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
+        result = base(x)
+        a = self.lora_embedding_A.T.to(result.dtype)  # (vocab, r)
+        b = self.lora_embedding_B.T.to(result.dtype)  # (r, dim)
+        update = F.embedding(x, a, padding_idx=self.padding_idx) @ b * self.scale  # (..., dim)
+        if not self.use_dora:
+            return result + update
+        weight = base.weight().to(result.dtype)
+        with torch.no_grad():
+            norm = self._dora_norm(weight, (a @ b) * self.scale)  # (dim,)
+        ratio = self.lora_magnitude_vector.to(result.dtype) / norm
+        return ratio * (result + update)
+
+
+class LoraConv(_LoraBase):
+    """Low-rank update of a ConvNd: A has the base's kernel (in -> r), B is 1x1 (r -> out)."""
+
+    def __init__(self, info: LayerInfo, **kw: Any):
+        super().__init__(**kw)
+        if info.groups != 1:
+            raise ConfigError("LoRA on grouped convolutions (groups > 1) is not supported; exclude those layers")
+        r = kw["r"]
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[info.conv_ndim]
+        self.lora_A = conv(info.in_features, r, info.kernel_size, info.stride, info.padding, info.dilation, bias=False)
+        self.lora_B = conv(r, info.out_features, 1, 1, bias=False)
+        self.conv_ndim = info.conv_ndim
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones((1, info.out_features) + (1,) * info.conv_ndim))
+        if self.init is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        elif self.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        out_shape = (b.shape[0],) + tuple(a.shape[1:])
+        return (b.flatten(1) @ a.flatten(1)).view(out_shape) * self.scale  # (out, in, *k)
+
+    def _magnitude_view(self, weight: torch.Tensor) -> tuple[int, ...]:
+        return (-1,) + (1,) * (weight.dim() - 1)
+
+    def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
+        result = base(x)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.conv_ndim - 1]
+        a_mod = self.lora_A
+        a = a_mod.weight.to(x.dtype)
+        b = self.lora_B.weight.to(x.dtype)
+        dropped = self.dropout(x)
+        update = conv(conv(dropped, a, None, a_mod.stride, a_mod.padding, a_mod.dilation), b) * self.scale
+        if not self.use_dora:
+            return result + update
+        weight = base.weight().to(x.dtype)
+        with torch.no_grad():
+            norm = self._dora_norm(weight, self.delta_weight().to(weight))  # (out,)
+        shape = (1, -1) + (1,) * self.conv_ndim
+        ratio = (self.lora_magnitude_vector.flatten().to(x.dtype) / norm).view(shape)
+        if isinstance(self.dropout, nn.Identity):
+            base_out = result if base.bias is None else result - base.bias.to(result.dtype).view(shape)
+        else:
+            base_out = conv(dropped, weight, None, a_mod.stride, a_mod.padding, a_mod.dilation)
+        return result + (ratio - 1) * base_out + ratio * update
+
+
+# ---------------------------------------------------------------------------------------------
+# The one place LoraConfig is read.
+# ---------------------------------------------------------------------------------------------
+def build(config: LoraConfig, info: LayerInfo, module_name: str) -> nn.Module:
+    r = int(_pattern_value(config.rank_pattern, module_name, config.r))
+    alpha = float(_pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
+    scale = alpha / (math.sqrt(r) if config.use_rslora else r)
+    common = dict(r=r, scale=scale, dropout=config.lora_dropout, use_dora=config.use_dora, init=config.init_lora_weights)
+    if info.kind == "linear":
+        return LoraLinear(info.in_features, info.out_features, **common)
+    if info.kind == "embedding":
+        return LoraEmbedding(info.in_features, info.out_features, padding_idx=info.padding_idx, **common)
+    if info.kind == "conv":
+        return LoraConv(info, **common)
+    raise ConfigError(f"LoRA cannot adapt {module_name!r} (layer kind {info.kind!r})")
+
+
+def prepare(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:
+    """Record fan_in_fan_out as peft does (GPT-2 Conv1D targets store weights as (in, out))."""
+    from deltatune.backends import describe
+
+    transposed = any(getattr(describe(model.get_submodule(t)), "fan_in_fan_out", False) for t in targets)
+    return config.replace(fan_in_fan_out=True) if transposed and not config.fan_in_fan_out else config
+
+
+def extra_trainable(model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
+    """Base biases trained (and saved) under `bias`, by their parameter names in the wrapped model."""
+    if config.bias == "none":
+        return []
+    names = [n for n, _ in model.named_parameters() if n.endswith("bias") and ".deltas." not in n]
+    names = [n for n in names if ".modules_to_save." not in n and ".original_module." not in n]
+    if config.bias == "all":
+        return names
+    prefixes = tuple(f"{t}.base_layer." for t in targets)
+    return [n for n in names if n.startswith(prefixes)]
+
+
+SPEC = TunerSpec(
+    name="lora",
+    kind="delta",
+    config=LoraConfig,
+    peft_type="LORA",
+    dispatch=("linear", "embedding", "conv"),
+    build=build,
+    prepare=prepare,
+    extra_trainable=extra_trainable,
+    paper="https://arxiv.org/abs/2106.09685",
+    example_configs=(
+        {"r": 4, "lora_alpha": 8},
+        {"r": 4, "lora_alpha": 8, "use_dora": True},
+        {"r": 4, "lora_alpha": 16, "use_rslora": True, "init_lora_weights": "gaussian", "bias": "lora_only"},
+    ),
+)

@@ -1,0 +1,21 @@
+"""The tuner contract over every registered tuner x example config x compatible tiny model."""
+
+import pytest
+
+from deltatune import all_specs
+from deltatune.testing import contract
+from deltatune.testing.tiny_models import TINY_MODELS
+
+CASES = []
+for spec in all_specs():
+    for index, example in enumerate(spec.example_configs):
+        for tiny in TINY_MODELS.values():
+            if contract.make_config(spec, example, tiny) is not None:
+                CASES.append(pytest.param(spec, example, tiny, id=f"{spec.name}{index}-{tiny.name}"))
+
+
+@pytest.mark.parametrize("check", list(contract.CHECKS))
+@pytest.mark.parametrize(("spec", "example", "tiny"), CASES)
+def test_contract(spec, example, tiny, check):
+    config = contract.make_config(spec, example, tiny)
+    contract.CHECKS[check](tiny, config)
