@@ -190,17 +190,12 @@ class TunedModel(nn.Module):
         With safe_merge (default) a merge that would give NaN/inf raises MergeError and leaves
         every layer as it was."""
         names = adapter_names or self._active
-        done: list[DeltaWrapper] = []
-        try:
-            for _, wrapper in inject.delta_wrappers(self.model):
-                before = len(wrapper.merged)
-                wrapper.merge(names, safe=safe_merge)
-                if len(wrapper.merged) > before:
-                    done.append(wrapper)
-        except BaseException:
-            for wrapper in done:
-                wrapper.unmerge()
-            raise
+        wrappers = [wrapper for _, wrapper in inject.delta_wrappers(self.model)]
+        if safe_merge:  # check every layer before writing any, so a refusal changes nothing
+            for wrapper in wrappers:
+                wrapper.check_merge(names)
+        for wrapper in wrappers:
+            wrapper.merge(names, safe=False)
 
     def unmerge_adapter(self) -> None:
         for _, wrapper in inject.delta_wrappers(self.model):

@@ -2,8 +2,9 @@
 
 A delta is an nn.Module with
     forward(x, base) -> y          `base` is a BaseCall: call it for the rest of the chain
-    merge(weight, bias) -> (weight, bias)      pure functions on dense fp32 tensors in the
-    unmerge(weight, bias) -> (weight, bias)    backend's canonical layout
+    merge(weight, bias) -> (weight, bias, ctx)      pure functions on dense fp32 tensors in the
+    unmerge(weight, bias, ctx) -> (weight, bias)    backend's canonical layout; `ctx` is whatever
+                                                    the delta needs to undo its merge (DoRA: the norm)
 Active deltas compose as a chain: y = d_k(x, d_{k-1}(., ... d_1(., base_layer))). LoRA adds to
 what the chain returns; IA3 scales it (or scales x before calling it).
 
@@ -67,6 +68,7 @@ class DeltaWrapper(nn.Module):
         self.layer_info = layer_info
         self.active: list[str] = []
         self.merged: list[str] = []
+        self._undo: dict[str, object] = {}
         self.disabled = False
 
     # Attribute access falls through to the base layer (weight, in_features, ...), as with peft.
@@ -89,21 +91,37 @@ class DeltaWrapper(nn.Module):
         return call(x)
 
     # -- merge ----------------------------------------------------------------------------------
-    def merge(self, names: Iterable[str], *, safe: bool = True) -> None:
-        names = [n for n in names if n in self.deltas and n not in self.merged]
-        if not names:
-            return
+    def _merged(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, object]]:
         base = self.base_layer
         weight = backends.read_weight(base).float()
         bias = base.bias.detach().float() if getattr(base, "bias", None) is not None else None
+        undo: dict[str, object] = {}
         for name in names:
-            weight, bias = self.deltas[name].merge(weight, bias)
-        if safe and (not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all())):
-            raise MergeError(
-                f"merging adapter(s) {names} gives non-finite weights; the base layer was left untouched"
-            )
+            weight, bias, undo[name] = self.deltas[name].merge(weight, bias)
+        return weight, bias, undo
+
+    def _pending(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if n in self.deltas and n not in self.merged]
+
+    def check_merge(self, names: Iterable[str]) -> None:
+        """Raise MergeError if merging would give non-finite weights; changes nothing."""
+        pending = self._pending(names)
+        if not pending:
+            return
+        weight, bias, _ = self._merged(pending)
+        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+            raise MergeError(f"merging adapter(s) {pending} gives non-finite weights; the base was left untouched")
+
+    def merge(self, names: Iterable[str], *, safe: bool = True) -> None:
+        pending = self._pending(names)
+        if not pending:
+            return
+        if safe:
+            self.check_merge(pending)
+        weight, bias, undo = self._merged(pending)
         self._write(weight, bias)
-        self.merged.extend(names)
+        self.merged.extend(pending)
+        self._undo.update(undo)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -112,7 +130,7 @@ class DeltaWrapper(nn.Module):
         weight = backends.read_weight(base).float()
         bias = base.bias.detach().float() if getattr(base, "bias", None) is not None else None
         for name in reversed(self.merged):
-            weight, bias = self.deltas[name].unmerge(weight, bias)
+            weight, bias = self.deltas[name].unmerge(weight, bias, self._undo.pop(name))
         self._write(weight, bias)
         self.merged.clear()
 

@@ -122,7 +122,6 @@ class _LoraBase(nn.Module):
         super().__init__()
         self.r, self.scale, self.use_dora, self.init = r, scale, use_dora, init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._merge_norm: torch.Tensor | None = None
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A in the base's canonical layout, fp32."""
@@ -138,22 +137,20 @@ class _LoraBase(nn.Module):
     def _magnitude_view(self, weight: torch.Tensor) -> tuple[int, ...]:
         return (-1,) + (1,) * (weight.dim() - 1)
 
-    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(W + s B A, bias, None); DoRA: (m / n * (W + s B A), bias, n) with n kept to unmerge."""
         delta = self.delta_weight().to(weight)
         if not self.use_dora:
-            return weight + delta, bias
-        norm = self._dora_norm(weight, delta)
-        self._merge_norm = norm
+            return weight + delta, bias, None
+        norm = self._dora_norm(weight, delta)  # (out,)
         scale = (self.lora_magnitude_vector.float().flatten() / norm).view(self._magnitude_view(weight))
-        return scale * (weight + delta), bias
+        return scale * (weight + delta), bias, norm
 
-    def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor | None):
         delta = self.delta_weight().to(weight)
         if not self.use_dora:
             return weight - delta, bias
-        assert self._merge_norm is not None, "unmerge without a merge"
-        scale = (self.lora_magnitude_vector.float().flatten() / self._merge_norm).view(self._magnitude_view(weight))
-        self._merge_norm = None
+        scale = (self.lora_magnitude_vector.float().flatten() / norm).view(self._magnitude_view(weight))
         return weight / scale - delta, bias
 
     def init_from_base(self, read_weight, write_weight) -> None:
