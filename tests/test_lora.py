@@ -127,3 +127,11 @@ def test_dropout_only_in_training_and_only_on_the_adapter_path():
     assert not torch.equal(first, tuned(x))
     with tuned.disable_adapter():
         assert torch.equal(tuned(x), tuned(x))
+
+
+def test_new_adapter_follows_the_models_eval_mode():
+    model = build_tiny("mlp").eval()
+    tuned = dt.get_tuned_model(model, dt.LoraConfig(target_modules=["lin0"], lora_dropout=0.5, init_lora_weights=False))
+    assert not any(m.training for m in tuned.modules())
+    x = torch.randn(4, 12)
+    assert torch.equal(tuned(x), tuned(x))

@@ -11,6 +11,7 @@ targetable. Quantized backends live in their own module and register themselves 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -150,3 +151,15 @@ def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
 def is_linear_like(layer: nn.Module) -> bool:
     info = describe(layer)
     return info is not None and info.kind == "linear"
+
+
+def _register_optional_backends() -> None:
+    """bitsandbytes layers get backends when the package is installed; it is not imported here."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        from deltatune.backends.bnb import BNB_BACKENDS
+
+        for backend in BNB_BACKENDS:
+            register_backend(backend)
+
+
+_register_optional_backends()

@@ -93,13 +93,50 @@ def inject_deltas(
         device = weight.device if isinstance(weight, torch.Tensor) else None
         if device is not None and device.type != "meta":
             delta.to(device)
+        delta.train(base.training)  # a new delta follows its host's train/eval mode (dropout)
         if wrapper is None:
             wrapper = DeltaWrapper(base, info)
+            wrapper.train(base.training)
             _set_module(model, name, wrapper)
         wrapper.deltas[adapter_name] = delta
         init = getattr(delta, "init_from_base", None)
         if run_init and callable(init):
-            init(lambda b=base: backends.read_weight(b), lambda w, b=base: backends.write_weight(b, w))
+            init(lambda b=base: backends.read_weight(b), lambda w, b=base, n=name: _write_base(b, w, n))
+
+
+def _write_base(base: nn.Module, weight: torch.Tensor, name: str) -> None:
+    """A tuner's init rewrites the base weight (PiSSA, OLoRA); quantized storage would only add error."""
+    quantized = backends.describe(base).quantized
+    if quantized:
+        raise ConfigError(
+            f"this initialisation rewrites the base weight of {name!r}, which is stored in {quantized}: requantizing "
+            "the residual would add quantization error. Initialise on the dense base model, save the residual "
+            "model, and quantize that instead (or use the default initialisation)."
+        )
+    backends.write_weight(base, weight)
+
+
+def replace_quantized_layers(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Swap every quantized linear layer (wrapped or not) for a dense nn.Linear of `dtype` holding the
+    dequantized weight; returns their paths. Delta wrappers keep their deltas around the dense layer."""
+    found = [(name, module, backends.describe(module)) for name, module in user_view(model)]
+    found = [(name, module, info) for name, module, info in found if info is not None and info.quantized]
+    for name, module, info in found:  # check all before changing any
+        if info.kind != "linear":
+            raise TypeError(f"cannot dequantize {name!r}: {type(module).__name__} is not a supported quantized linear layer")
+    for name, module, info in found:
+        with torch.device("meta"):
+            dense = nn.Linear(info.in_features, info.out_features, bias=getattr(module, "bias", None) is not None)
+        dense.weight = nn.Parameter(backends.read_weight(module).to(dtype), requires_grad=False)
+        if dense.bias is not None:
+            dense.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        dense.train(module.training)
+        holder = model.get_submodule(name)
+        if isinstance(holder, DeltaWrapper):
+            holder.base_layer, holder.layer_info = dense, backends.describe(dense)
+        else:
+            _set_module(model, name, dense)
+    return [name for name, _, _ in found]
 
 
 def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
@@ -115,7 +152,9 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -
         if isinstance(module, DeltaWrapper):
             raise ConfigError(f"{path!r} is both a tuner target and in modules_to_save; choose one")
         if not isinstance(module, ModulesToSave):
+            training = module.training
             module = ModulesToSave(module)
+            module.train(training)
             _set_module(model, path, module)
         module.add(adapter_name)
     return paths

@@ -57,6 +57,7 @@ class TunedModel(nn.Module):
                 "tuned.add_adapter(name, config) instead of wrapping again, or unload() first"
             )
         self.model = model
+        self.training = model.training
         self.adapters: dict[str, Adapter] = {}
         self._active: list[str] = []
         self._disabled = False
@@ -348,6 +349,8 @@ class TunedModel(nn.Module):
             tuned.unload()
             raise
         tuned.set_adapter(adapter_name)
+        if not is_trainable:
+            tuned.eval()
         return tuned
 
 

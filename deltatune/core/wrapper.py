@@ -8,6 +8,13 @@ A delta is an nn.Module with
 Active deltas compose as a chain: y = d_k(x, d_{k-1}(., ... d_1(., base_layer))). LoRA adds to
 what the chain returns; IA3 scales it (or scales x before calling it).
 
+A delta may instead *replace* some of the base layer's own parameters (BitFit, LN-tuning, ...): it
+has `overrides() -> {param name: tensor}` and no forward of its own. The base layer then runs with
+those tensors in place of its own (torch.func.functional_call; the base parameters are untouched),
+at the bottom of the chain. Merging it copies the tensors into the base layer and keeps the
+originals, so unmerge restores them exactly; replaced parameters are merged before (under) any
+chained delta.
+
 Merging is only ever an explicit call (never a side effect of train()/eval()).
 """
 
@@ -19,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from deltatune import backends
 from deltatune.backends import LayerInfo
@@ -28,21 +36,29 @@ class MergeError(RuntimeError):
     """A merge would have produced non-finite weights; the base layer was left untouched."""
 
 
+class QuantizedMergeError(MergeError):
+    """A merge into quantized (4-bit / 8-bit) storage was refused; nothing was changed."""
+
+
 class BaseCall:
     """What a delta sees of the layer below it: call it, or read its dense weight and bias."""
 
-    __slots__ = ("_fn", "_wrapper", "_args", "_kwargs")
+    __slots__ = ("_fn", "_wrapper", "_args", "_kwargs", "_overrides")
 
-    def __init__(self, wrapper: DeltaWrapper, fn: Callable[..., torch.Tensor] | None, args, kwargs):
+    def __init__(self, wrapper: DeltaWrapper, fn: Callable[..., torch.Tensor] | None, args, kwargs, overrides=None):
         self._wrapper, self._fn, self._args, self._kwargs = wrapper, fn, args, kwargs
+        self._overrides: dict[str, torch.Tensor] = overrides or {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fn is None:
-            return self._wrapper.base_layer(x, *self._args, **self._kwargs)
-        return self._fn(x)
+        if self._fn is not None:
+            return self._fn(x)
+        if self._overrides:
+            return functional_call(self._wrapper.base_layer, self._overrides, (x, *self._args), self._kwargs)
+        return self._wrapper.base_layer(x, *self._args, **self._kwargs)
 
     @property
-    def info(self) -> LayerInfo:
+    def info(self) -> LayerInfo | None:
+        """None for layers no weight backend knows (e.g. norm layers, whose parameters are replaced)."""
         return self._wrapper.layer_info
 
     def weight(self) -> torch.Tensor:
@@ -116,6 +132,11 @@ class DeltaWrapper(nn.Module):
         pending = self._pending(names)
         if not pending:
             return
+        if self.layer_info.quantized:  # requantizing would add error silently, and unmerge could not undo it
+            raise QuantizedMergeError(
+                f"refusing to merge adapter(s) {pending} into {self.layer_info.quantized} storage; "
+                "use merge_and_unload(dequantize=True) for a dense merged model"
+            )
         if safe:
             self.check_merge(pending)
         weight, bias, undo = self._merged(pending)

@@ -107,6 +107,31 @@ def _t5() -> nn.Module:
     return T5ForConditionalGeneration(cfg)
 
 
+def _vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    return ViTForImageClassification(cfg)
+
+
+def _swin() -> nn.Module:
+    from transformers import SwinConfig, SwinForImageClassification
+
+    cfg = SwinConfig(
+        image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2,
+        mlp_ratio=2.0, num_labels=3,
+    )  # fmt: skip
+    return SwinForImageClassification(cfg)
+
+
+def _pixels(seed: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)}
+
+
 def _lm_inputs(seed: int) -> dict[str, Any]:
     ids = _ids(64, seed)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -144,6 +169,8 @@ TINY_MODELS: dict[str, TinyModel] = {
         TinyModel("gpt2", _gpt2, _lm_inputs, {"linear": ["c_attn", "c_fc"]}, "CAUSAL_LM"),
         TinyModel("bert", _bert, _lm_inputs, {"linear": ["query", "value"]}, "SEQ_CLS"),
         TinyModel("t5", _t5, _t5_inputs, {"linear": ["q", "v", "wo"]}, "SEQ_2_SEQ_LM"),
+        TinyModel("vit", _vit, _pixels, {"linear": ["q_proj", "v_proj"], "conv": ["projection"]}),
+        TinyModel("swin", _swin, _pixels, {"linear": ["q_proj", "v_proj"], "conv": ["projection"]}),
     ]
 }  # fmt: skip
 
