@@ -88,3 +88,13 @@ def measure_drift(before: torch.Tensor, after: torch.Tensor) -> tuple[float, flo
     logit = (after - before).abs().max().item()
     prob = (after.softmax(-1) - before.softmax(-1)).abs().max().item()
     return logit, prob
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Drop transformers' record that the model is quantized, so save_pretrained writes a dense model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)  # transformers' own cleanup
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)

@@ -22,7 +22,7 @@ from torch import nn
 from deltatune.core import inject
 from deltatune.core.config import ConfigError, TunerConfig, check_adapter_name
 from deltatune.core.registry import TunerSpec, spec_for_config
-from deltatune.core.wrapper import DeltaWrapper, ModulesToSave
+from deltatune.core.wrapper import DeltaWrapper, ModulesToSave, QuantizedMergeError
 
 _AUTO_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
 
@@ -48,6 +48,9 @@ def _is_wrapped(model: nn.Module) -> bool:
 
 class TunedModel(nn.Module):
     """A base model with one or more adapters. Build with `get_tuned_model` or `from_pretrained`."""
+
+    merge_report: Any = None
+    """The DequantizeReport of the last merge_and_unload(dequantize=True), else None."""
 
     def __init__(self, model: nn.Module, config: TunerConfig | None, adapter_name: str = "default"):
         super().__init__()
@@ -191,6 +194,7 @@ class TunedModel(nn.Module):
         With safe_merge (default) a merge that would give NaN/inf raises MergeError and leaves
         every layer as it was."""
         names = adapter_names or self._active
+        _refuse_quantized_merge(self.model, names)
         wrappers = [wrapper for _, wrapper in inject.delta_wrappers(self.model)]
         if safe_merge:  # check every layer before writing any, so a refusal changes nothing
             for wrapper in wrappers:
@@ -202,11 +206,46 @@ class TunedModel(nn.Module):
         for _, wrapper in inject.delta_wrappers(self.model):
             wrapper.unmerge()
 
-    def merge_and_unload(self, *, safe_merge: bool = True, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge (default: active adapters) and return the plain base model with them folded in."""
+    def merge_and_unload(
+        self,
+        *,
+        safe_merge: bool = True,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
+        probe_inputs: Any = None,
+    ) -> nn.Module:
+        """Merge (default: active adapters) and return the plain base model with them folded in.
+
+        A quantized base (bitsandbytes 4-bit / 8-bit) is refused unless `dequantize=True`: then every
+        quantized layer becomes a dense nn.Linear holding its dequantized weight, the adapters merge
+        there, and the drift of the returned model's outputs from the quantized model with the adapter
+        on `probe_inputs` (default: random token ids when the model has config.vocab_size) is logged
+        and kept in `self.merge_report` (a DequantizeReport)."""
         names = adapter_names or self._active
+        if dequantize:
+            return self._merge_dequantized(names, safe_merge, probe_inputs)
         self.merge_adapter(names, safe_merge=safe_merge)
         return self._strip(keep_module_copies_of=names[0] if names else None)
+
+    def _merge_dequantized(self, names: list[str], safe_merge: bool, probe_inputs: Any) -> nn.Module:
+        from deltatune.core import dequantize as dq
+
+        if names and names != self._active:
+            self.set_adapter(names)
+        if safe_merge:  # refuse non-finite merges before any layer is replaced
+            for _, wrapper in inject.delta_wrappers(self.model):
+                wrapper.check_merge(names)
+        probe = probe_inputs if probe_inputs is not None else dq.default_probe(self.model)
+        before = dq.probe_outputs(self, probe) if probe is not None else None
+        dtype = dq.dense_dtype(self.model)
+        replaced = inject.replace_quantized_layers(self.model, dtype)
+        self.merge_adapter(names, safe_merge=False)
+        merged = self._strip(keep_module_copies_of=names[0] if names else None)
+        dq.forget_quantization(merged)
+        drift = dq.measure_drift(before, dq.probe_outputs(merged, probe)) if before is not None else (None, None)
+        self.merge_report = dq.DequantizeReport(replaced, dtype, *drift)
+        dq.logger.warning(self.merge_report.summary())
+        return merged
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging; returns the original base model."""
@@ -367,6 +406,23 @@ def _file_key(key: str, adapter_name: str) -> str | None:
     if found is None or found.group("adapter") != adapter_name:
         return None
     return f"{found.group('path')}.{found.group('rest')}"
+
+
+def _refuse_quantized_merge(model: nn.Module, names: list[str]) -> None:
+    """Merging into 4-bit / 8-bit storage would requantize: silent error that unmerge cannot undo."""
+    layers = [
+        (path, w.layer_info.quantized)
+        for path, w in inject.delta_wrappers(model)
+        if w.layer_info.quantized and any(n in w.deltas and n not in w.merged for n in names)
+    ]
+    if layers:
+        path, bits = layers[0]
+        raise QuantizedMergeError(
+            f"refusing to merge adapter(s) {names} into a quantized base: {len(layers)} target layer(s) store "
+            f"their weights in {bits} (e.g. {path!r}), and merging would requantize them, silently adding "
+            "quantization error. Use merge_and_unload(dequantize=True) to get a dense merged model (it reports "
+            "the output drift), or keep the adapter unmerged."
+        )
 
 
 def get_tuned_model(model: nn.Module, config: TunerConfig, adapter_name: str = "default") -> TunedModel:
