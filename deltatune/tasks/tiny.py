@@ -1,0 +1,122 @@
+"""Tiny random vision models and tokenizers built offline from configs (tests, docs, demos).
+
+Random weights: these exercise the mechanics (injection, training steps, save/load, generation),
+not the quality of any real checkpoint. Everything is seeded and builds in well under a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+CAPTION_WORDS = (
+    "a photo of the red green blue cat dog bird car tree house on in with small big and is sitting "
+    "flying running next to white black sky grass road"
+).split()
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")
+
+
+def byte_unicode_map() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character map."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def tiny_clip_tokenizer(max_length: int = 16):
+    """A CLIPTokenizer with a byte-level vocabulary and no merges (514 tokens), built offline."""
+    from transformers import CLIPTokenizer
+
+    chars = list(byte_unicode_map().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_unet(seed: int = 0, cross_attention_dim: int = 16) -> nn.Module:
+    """UNet2DConditionModel: 2 blocks (8, 16 channels), one cross-attention level, 4 latent channels."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, norm_num_groups=4, attention_head_dim=4,
+    ).eval()  # fmt: skip
+
+
+def tiny_sd_pipeline(seed: int = 0, unet: nn.Module | None = None):
+    """StableDiffusionPipeline from tiny configs: UNet, AutoencoderKL (x2 downsampling), CLIP text
+    encoder, byte-level CLIP tokenizer, DDIM scheduler (100 train steps). 16x16 images."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed + 1)
+    vocab = len(tokenizer)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+            max_position_embeddings=tokenizer.model_max_length, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        )
+    ).eval()  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=16,
+    ).eval()  # fmt: skip
+    scheduler = DDIMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False)
+    pipe = StableDiffusionPipeline(
+        unet=unet if unet is not None else tiny_unet(seed), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_word_tokenizer(words: tuple[str, ...] | list[str] = CAPTION_WORDS):
+    """A word-level fast tokenizer: <pad>=0, <s>=1, </s>=2, <image>=3, <unk>=4, then `words`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )  # fmt: skip
+
+
+def tiny_llava(vocab_size: int, seed: int = 0, image_token_id: int = 3) -> nn.Module:
+    """LlavaForConditionalGeneration: CLIP vision tower (16x16 images, 4x4 patches -> 16 image
+    tokens), 2-layer MLP projector, 2-layer Llama language model (hidden 16)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision: dict[str, Any] = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
+    )
+    text: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text), image_token_id=image_token_id,
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
