@@ -198,3 +198,19 @@ def test_load_adapter_failure_keeps_existing_adapters(saved):
         tuned.load_adapter(saved, "broken")
     assert list(tuned.adapters) == ["default"]
     torch.testing.assert_close(contract.run(LLAMA, tuned), out, atol=0, rtol=0)
+
+
+def test_failed_from_pretrained_restores_requires_grad(saved):
+    _rewrite_tensors(saved, lambda t: t.pop(next(iter(t))))
+    model = build_tiny("llama")
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(dt.AdapterLoadError):
+        dt.TunedModel.from_pretrained(model, saved)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pissa_adapter_warns_on_load(tmp_path):
+    tuned = dt.get_tuned_model(build_tiny("llama"), dt.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"))
+    tuned.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="residual base"):
+        dt.TunedModel.from_pretrained(build_tiny("llama"), tmp_path)

@@ -108,3 +108,20 @@ def test_embedding_and_modules_to_save_roundtrip_with_peft(tmp_path):
     other_base = tiny.fresh(seed=7)
     with pytest.raises(dt.AdapterLoadError, match="overwrite base weights"):
         dt.TunedModel.from_pretrained(other_base, tmp_path)
+
+
+def test_generate_matches_peft_greedy(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    tuned = dt.get_tuned_model(tiny.fresh(), dt.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    contract.perturb(tuned, scale=0.5)
+    tuned.save_pretrained(tmp_path)
+    prompt = tiny.make_inputs(0)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ours = tuned.generate(**prompt, **kwargs)
+        theirs = peft.PeftModel.from_pretrained(tiny.fresh(), tmp_path).eval().generate(**prompt, **kwargs)
+        with tuned.disable_adapter():
+            base = tuned.generate(**prompt, **kwargs)
+    assert ours.shape == (2, 7 + 8)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, base), "the adapter does not change greedy output (vacuous)"

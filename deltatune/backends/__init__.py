@@ -153,6 +153,14 @@ def is_linear_like(layer: nn.Module) -> bool:
     return info is not None and info.kind == "linear"
 
 
+def prepare_for_training(model: nn.Module) -> None:
+    """Let each layer's backend make it safe to backpropagate through (optional `prepare_for_training`)."""
+    for module in model.modules():
+        hook = getattr(backend_for(module), "prepare_for_training", None)
+        if hook is not None:
+            hook(module)
+
+
 def _register_optional_backends() -> None:
     """bitsandbytes layers get backends when the package is installed; it is not imported here."""
     if importlib.util.find_spec("bitsandbytes") is not None:

@@ -71,13 +71,30 @@ class Linear4bitBackend:
         assert dense.shape == (layer.out_features, layer.in_features), dense.shape
         return dense
 
+    def prepare_for_training(self, layer: nn.Module) -> None:
+        """Keep the layer differentiable. On CPUs with AVX512-BF16, bitsandbytes repacks the weight in
+        place on the first eval forward without grad, and its kernel for that layout has no backward:
+        training afterwards silently loses every gradient through the layer. Undo the repacking (as
+        bitsandbytes' own state_dict does) and turn it off for this layer."""
+        import bitsandbytes.functional as bnb_f
+
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+
     def write_weight(self, layer: nn.Module, weight: torch.Tensor) -> None:
         """Quantize `weight` (out, in) again with the layer's settings; adds quantization error."""
         import bitsandbytes as bnb
 
         old = layer.weight
         if tuple(weight.shape) != (layer.out_features, layer.in_features):
-            raise ValueError(f"weight shape {tuple(weight.shape)} does not fit ({layer.out_features}, {layer.in_features})")
+            raise ValueError(
+                f"weight shape {tuple(weight.shape)} does not fit ({layer.out_features}, {layer.in_features})"
+            )
         state = old.quant_state if old.quant_state is not None else layer.quant_state
         dtype = getattr(state, "original_dtype", None) or state.dtype
         new = bnb.nn.Params4bit(
@@ -120,7 +137,9 @@ class Linear8bitLtBackend:
         if tuple(weight.shape) != tuple(old.shape):
             raise ValueError(f"weight shape {tuple(weight.shape)} does not fit {tuple(old.shape)}")
         new = bnb.nn.Int8Params(
-            weight.detach().to("cpu", torch.float16).contiguous(), requires_grad=False, has_fp16_weights=old.has_fp16_weights
+            weight.detach().to("cpu", torch.float16).contiguous(),
+            requires_grad=False,
+            has_fp16_weights=old.has_fp16_weights,
         )
         layer.weight = new.to(old.device)  # moving it quantizes (also on the CPU)
         layer.state.CB = layer.state.SCB = None  # the next forward takes the new CB / SCB

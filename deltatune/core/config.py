@@ -162,6 +162,9 @@ class TunerConfig:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
+    def warn_on_load(self, source: str) -> None:
+        """Hook for tuners whose saved adapters need a caveat when loaded (default: none)."""
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 

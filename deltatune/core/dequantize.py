@@ -79,7 +79,9 @@ def probe_outputs(model: nn.Module, probe: Any) -> torch.Tensor:
     elif isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"cannot find an output tensor in {type(out).__name__}; pass a probe the model returns logits for")
+        raise TypeError(
+            f"cannot find an output tensor in {type(out).__name__}; pass a probe the model returns logits for"
+        )
     return out.detach().float()
 
 

@@ -14,8 +14,8 @@ from torch import nn
 from deltatune import backends
 from deltatune.core import matching
 from deltatune.core.config import ConfigError, TunerConfig
-from deltatune.core.registry import TunerSpec
-from deltatune.core.wrapper import DeltaWrapper, ModulesToSave
+from deltatune.core.registry import ParamSite, TunerSpec
+from deltatune.core.wrapper import DeltaWrapper, ModulesToSave, ParamOverride
 
 _WRAPPERS = (DeltaWrapper, ModulesToSave)
 
@@ -102,6 +102,7 @@ def inject_deltas(
         init = getattr(delta, "init_from_base", None)
         if run_init and callable(init):
             init(lambda b=base: backends.read_weight(b), lambda w, b=base, n=name: _write_base(b, w, n))
+    backends.prepare_for_training(model)
 
 
 def _write_base(base: nn.Module, weight: torch.Tensor, name: str) -> None:
@@ -123,7 +124,7 @@ def replace_quantized_layers(model: nn.Module, dtype: torch.dtype) -> list[str]:
     found = [(name, module, info) for name, module, info in found if info is not None and info.quantized]
     for name, module, info in found:  # check all before changing any
         if info.kind != "linear":
-            raise TypeError(f"cannot dequantize {name!r}: {type(module).__name__} is not a supported quantized linear layer")
+            raise TypeError(f"cannot dequantize {name!r}: no dense form for quantized {type(module).__name__}")
     for name, module, info in found:
         with torch.device("meta"):
             dense = nn.Linear(info.in_features, info.out_features, bias=getattr(module, "bias", None) is not None)
@@ -137,6 +138,90 @@ def replace_quantized_layers(model: nn.Module, dtype: torch.dtype) -> list[str]:
         else:
             _set_module(model, name, dense)
     return [name for name, _, _ in found]
+
+
+def param_sites(model: nn.Module) -> list[ParamSite]:
+    """Every parameter as the user sees the model, once per module holding it (a tied tensor appears
+    under each of its holders)."""
+    sites: list[ParamSite] = []
+    for module_name, module in [("", model), *user_view(model)]:
+        for param_name, _ in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            sites.append(ParamSite(name, module_name, module))
+    return sites
+
+
+def _own_param(site: ParamSite) -> nn.Parameter:
+    return site.module._parameters[site.name.rpartition(".")[2]]
+
+
+def _is_saved_in_full(module_name: str, modules_to_save: list[str]) -> bool:
+    parts = module_name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(p == key or p.endswith("." + key) for p in prefixes for key in modules_to_save)
+
+
+def resolve_selection(model: nn.Module, spec: TunerSpec, config: TunerConfig) -> tuple[TunerConfig, list[str]]:
+    """A "select" tuner's parameter names, with every holder of a tied tensor included and the
+    modules trained in full (modules_to_save) left out; refuses parameters it cannot replace."""
+    assert spec.select is not None, f"select tuner {spec.name} has no select()"
+    sites = param_sites(model)
+    chosen = spec.select(config, sites)
+    by_name = {site.name: site for site in sites}
+    unknown = [n for n in chosen if n not in by_name]
+    assert not unknown, f"{spec.name}.select returned names that are not parameters: {unknown[:5]}"
+    tensors = {id(_own_param(by_name[n])) for n in chosen}
+    saved = config.modules_to_save or []
+    names = [s.name for s in sites if id(_own_param(s)) in tensors and not _is_saved_in_full(s.module_name, saved)]
+    if not names:
+        raise ConfigError(
+            f"{type(config).__name__} selected no parameter outside modules_to_save={saved!r}; "
+            f"parameters here: {[s.name for s in sites][:40]}"
+        )
+    for name in names:
+        site = by_name[name]
+        holder = model.get_submodule(site.module_name) if site.module_name else model
+        if not site.module_name or next(site.module.children(), None) is not None:
+            raise ConfigError(
+                f"parameter {name!r} is held by {site.module_name or 'the root module'!r} "
+                f"({type(site.module).__name__}), which has submodules: {spec.name!r} replaces parameters of leaf "
+                f"modules only. Leave it out (exclude_modules=[{site.module_name!r}] or a narrower selection)."
+            )
+        if isinstance(holder, ModulesToSave):
+            raise ConfigError(
+                f"parameter {name!r} belongs to {site.module_name!r}, which another adapter trains in full "
+                "(modules_to_save); add it to this config's modules_to_save too, or leave it out"
+            )
+        if not _own_param(site).is_floating_point():
+            raise ConfigError(f"parameter {name!r} is stored as {_own_param(site).dtype} (quantized?) and cannot train")
+    if spec.prepare is not None:
+        config = spec.prepare(model, config, names)
+    return config, names
+
+
+def inject_selected(model: nn.Module, spec: TunerSpec, adapter_name: str, names: list[str]) -> None:
+    """Give each selected parameter a trainable per-adapter copy (one per tied tensor), used in place
+    of the original by the holder's DeltaWrapper."""
+    by_name = {site.name: site for site in param_sites(model)}
+    copies: dict[int, nn.Parameter] = {}
+    per_module: dict[str, dict[str, nn.Parameter]] = {}
+    for name in names:
+        site = by_name[name]
+        param = _own_param(site)
+        if id(param) not in copies:
+            copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+        per_module.setdefault(site.module_name, {})[name.rpartition(".")[2]] = copies[id(param)]
+    for module_name, params in per_module.items():
+        module = model.get_submodule(module_name)
+        wrapper = module if isinstance(module, DeltaWrapper) else None
+        base = wrapper.base_layer if wrapper else module
+        if wrapper is None:
+            wrapper = DeltaWrapper(base, backends.describe(base) or backends.LayerInfo("other", 0, 0))
+            wrapper.train(base.training)
+            _set_module(model, module_name, wrapper)
+        delta = ParamOverride(params, store_as=spec.store_as)
+        delta.train(base.training)
+        wrapper.deltas[adapter_name] = delta
 
 
 def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[str]:

@@ -62,6 +62,13 @@ def is_target(name: str, config: TunerConfig, target_modules: Sequence[str] | st
     return index == layers if isinstance(layers, int) else index in layers
 
 
+def is_in_scope(name: str, config: TunerConfig) -> bool:
+    """For tuners that select parameters: an unset target_modules means every module."""
+    if config.target_modules is None:
+        return not is_excluded(name, config)
+    return is_target(name, config)
+
+
 @dataclass
 class Match:
     """Result of matching a config against a model's module names."""

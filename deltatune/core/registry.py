@@ -17,7 +17,26 @@ from deltatune.core.config import ConfigError, TunerConfig
 Kind = Literal["delta", "input", "side", "select"]
 
 # One line per built-in tuner module; each defines SPEC (or SPECS).
-_BUILTIN_MODULES: tuple[str, ...] = ("deltatune.tuners.lora",)
+_BUILTIN_MODULES: tuple[str, ...] = (
+    "deltatune.tuners.lora",
+    "deltatune.tuners.ia3",
+    "deltatune.tuners.bitfit",
+    "deltatune.tuners.ln_tuning",
+    "deltatune.tuners.part",
+    "deltatune.tuners.full",
+)
+
+
+@dataclass(frozen=True)
+class ParamSite:
+    """One parameter as the user sees the model: what a "select" tuner chooses from."""
+
+    name: str
+    """Dotted parameter name, e.g. "model.layers.0.input_layernorm.weight"."""
+    module_name: str
+    """Name of the module that holds it directly ("" for the root)."""
+    module: nn.Module
+    """That module (its type tells e.g. a norm layer)."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +44,10 @@ class TunerSpec:
     """Everything shared code needs to know about a tuner.
 
     Delta tuners give `build(config, layer_info, module_name) -> nn.Module` and the layer kinds
-    they accept (`dispatch`); other kinds give an `attach(model, config, adapter_name) -> Attachment`
-    that owns its own injection (see deltatune.core.inject).
+    they accept (`dispatch`); "select" tuners give `select(config, sites) -> parameter names`, and
+    shared code trains per-adapter copies of those parameters in their place; other kinds give an
+    `attach(model, config, adapter_name) -> Attachment` that owns its own injection (see
+    deltatune.core.inject).
     """
 
     name: str
@@ -40,8 +61,13 @@ class TunerSpec:
     """Optional: adjust a config once targets are known (e.g. set fan_in_fan_out for Conv1D)."""
     extra_trainable: Callable[[nn.Module, TunerConfig, list[str]], list[str]] | None = None
     """Optional: names of base parameters this tuner also trains and saves (e.g. LoRA bias="all")."""
+    select: Callable[[TunerConfig, list[ParamSite]], list[str]] | None = None
+    """"select" kind: names of the parameters to train (raise ConfigError, listing real names, if none)."""
+    store_as: str = ""
+    """"select" kind: file keys are "<module>.<store_as>.<param>" when set, else "<module>.<param>"."""
     example_configs: tuple[dict[str, Any], ...] = field(default_factory=tuple)
-    """Configs the contract test matrix runs (target_modules is filled in per model)."""
+    """Configs the contract test matrix runs (target_modules is filled in per model for delta tuners;
+    "select" tuners run as given, on every model where they select something)."""
     paper: str = ""
 
 

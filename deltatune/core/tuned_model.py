@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,11 +114,15 @@ class TunedModel(nn.Module):
         if auto:
             wanted = list(dict.fromkeys((config.modules_to_save or []) + auto))
             config = config.replace(modules_to_save=wanted)
-        if spec.kind != "delta":
+        if spec.kind not in ("delta", "select"):
             raise ConfigError(f"tuner kind {spec.kind!r} of {spec.name!r} is not supported by this TunedModel yet")
-        config, targets = inject.resolve_targets(self.model, spec, config)
+        resolve = inject.resolve_targets if spec.kind == "delta" else inject.resolve_selection
+        config, targets = resolve(self.model, spec, config)
         try:
-            inject.inject_deltas(self.model, spec, config, adapter_name, targets, run_init=not _loading)
+            if spec.kind == "delta":
+                inject.inject_deltas(self.model, spec, config, adapter_name, targets, run_init=not _loading)
+            else:
+                inject.inject_selected(self.model, spec, adapter_name, targets)
             saved = inject.add_modules_to_save(self.model, config.modules_to_save, adapter_name) if config.modules_to_save else []
         except BaseException:
             inject.remove_adapter(self.model, adapter_name)
@@ -203,7 +206,8 @@ class TunedModel(nn.Module):
             wrapper.merge(names, safe=False)
 
     def unmerge_adapter(self) -> None:
-        for _, wrapper in inject.delta_wrappers(self.model):
+        # Last merged, first unmerged: layers sharing a tied tensor each saved the value before theirs.
+        for _, wrapper in reversed(list(inject.delta_wrappers(self.model))):
             wrapper.unmerge()
 
     def merge_and_unload(
@@ -284,7 +288,12 @@ class TunedModel(nn.Module):
         adapter = self.adapters[name]
         out: dict[str, torch.Tensor] = {}
         extra = set(adapter.extra_params)
+        seen: set[tuple[int, tuple[int, ...]]] = set()
         for key, value in self.model.state_dict().items():
+            tied = (value.data_ptr(), tuple(value.shape))
+            if value.data_ptr() and tied in seen:  # a tensor tied across modules is saved once, first name
+                continue
+            seen.add(tied)
             file_key = _file_key(key, name)
             if file_key is not None:
                 out[file_key] = value
@@ -349,19 +358,16 @@ class TunedModel(nn.Module):
             write_adapter(folder, config, self.adapter_state_dict(name))
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
-        """Load a saved adapter (ours or peft's) under a new name; it is not activated."""
+        """Load a saved adapter (ours or peft's) under a new name; it is not activated.
+
+        Config and tensors are read and checked before the model is touched; a failure leaves
+        the model as it was."""
         from deltatune.io.peft_format import read_config, read_tensors
 
         check_adapter_name(adapter_name)
-        config = read_config(model_id)
+        config = read_config(model_id).replace(inference_mode=not is_trainable)
         tensors = read_tensors(model_id)
-        config = config.replace(inference_mode=not is_trainable)
-        if str(config.init_lora_weights if hasattr(config, "init_lora_weights") else "").startswith(("pissa", "olora")):
-            warnings.warn(
-                f"{model_id}: this adapter was initialised with {config.init_lora_weights!r}, which rewrites the base "
-                "weights; it reproduces the trained model only on that residual base",
-                stacklevel=2,
-            )
+        config.warn_on_load(str(model_id))
         self.add_adapter(adapter_name, config, _loading=True)
         try:
             self.load_adapter_state_dict(adapter_name, tensors, source=str(model_id))
@@ -375,17 +381,13 @@ class TunedModel(nn.Module):
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **_: Any
     ) -> TunedModel:
         """Wrap `model` with an adapter saved by `save_pretrained` (or by peft)."""
-        from deltatune.io.peft_format import read_config, read_tensors
-
-        check_adapter_name(adapter_name)
-        config = read_config(model_id).replace(inference_mode=not is_trainable)
-        tensors = read_tensors(model_id)
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
         tuned = cls(model, None)
-        tuned.add_adapter(adapter_name, config, _loading=True)
         try:
-            tuned.load_adapter_state_dict(adapter_name, tensors, source=str(model_id))
+            tuned.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
         except BaseException:
-            tuned.unload()
+            for name, param in model.named_parameters():
+                param.requires_grad_(flags.get(name, param.requires_grad))
             raise
         tuned.set_adapter(adapter_name)
         if not is_trainable:

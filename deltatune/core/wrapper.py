@@ -57,8 +57,7 @@ class BaseCall:
         return self._wrapper.base_layer(x, *self._args, **self._kwargs)
 
     @property
-    def info(self) -> LayerInfo | None:
-        """None for layers no weight backend knows (e.g. norm layers, whose parameters are replaced)."""
+    def info(self) -> LayerInfo:
         return self._wrapper.layer_info
 
     def weight(self) -> torch.Tensor:
@@ -74,6 +73,35 @@ class BaseCall:
         return BaseCall(self._wrapper, lambda x, below=self: delta(x, below), (), {})
 
 
+def replaces_parameters(delta: nn.Module) -> bool:
+    """True for a delta that replaces base parameters (has `overrides()`) instead of chaining."""
+    return callable(getattr(delta, "overrides", None))
+
+
+class ParamOverride(nn.Module):
+    """Per-adapter copies of some of a base layer's own parameters, used in their place.
+
+    Copies are registered under their parameter names, below `store_as` when given (a file-key
+    layout choice: peft's LN-tuning saves "<module>.ln_tuning_layers.<param>"). One copy may be
+    registered in several ParamOverrides when the base tensor is tied across modules.
+    """
+
+    def __init__(self, copies: dict[str, nn.Parameter], store_as: str = ""):
+        super().__init__()
+        holder: nn.Module = self
+        if store_as:
+            holder = nn.Module()
+            self.add_module(store_as, holder)
+        for name, param in copies.items():
+            holder.register_parameter(name, param)
+        self._holder = store_as
+        self._names = list(copies)
+
+    def overrides(self) -> dict[str, torch.Tensor]:
+        holder = self.get_submodule(self._holder) if self._holder else self
+        return {name: getattr(holder, name) for name in self._names}
+
+
 class DeltaWrapper(nn.Module):
     """Holds the original layer as `base_layer` and a dict of named deltas."""
 
@@ -82,9 +110,13 @@ class DeltaWrapper(nn.Module):
         self.base_layer = base_layer
         self.deltas = nn.ModuleDict()
         self.layer_info = layer_info
+        """kind "other" for a layer no weight backend knows; only replacing deltas sit on those."""
         self.active: list[str] = []
         self.merged: list[str] = []
+        """Merge order: replacing deltas first, then chained ones (the order of the unmerged forward)."""
         self._undo: dict[str, object] = {}
+        self._replaced: dict[str, dict[str, torch.Tensor]] = {}
+        """Base values a merged replacing delta overwrote, per adapter, for an exact unmerge."""
         self.disabled = False
 
     # Attribute access falls through to the base layer (weight, in_features, ...), as with peft.
@@ -96,15 +128,25 @@ class DeltaWrapper(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        call = BaseCall(self, None, args, kwargs)
-        if not self.disabled:
-            for name in self.active:
-                if name not in self.merged and name in self.deltas:
-                    call = call.then(self.deltas[name])
-        elif self.merged:
-            raise RuntimeError("adapters are merged into this layer; unmerge them before disabling adapters")
-        return call(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled:
+            if self.merged:
+                raise RuntimeError("adapters are merged into this layer; unmerge them before disabling adapters")
+            return self.base_layer(*args, **kwargs)
+        live = [self.deltas[n] for n in self.active if n not in self.merged and n in self.deltas]
+        overrides: dict[str, torch.Tensor] = {}
+        for delta in live:
+            if replaces_parameters(delta):
+                overrides.update(delta.overrides())
+        chained = [delta for delta in live if not replaces_parameters(delta)]
+        if not chained:  # whatever the base layer takes (some take no tensor at all)
+            if overrides:
+                return functional_call(self.base_layer, overrides, args, kwargs)
+            return self.base_layer(*args, **kwargs)
+        call = BaseCall(self, None, args[1:], kwargs, overrides)
+        for delta in chained:
+            call = call.then(delta)
+        return call(args[0])
 
     # -- merge ----------------------------------------------------------------------------------
     def _merged(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, object]]:
@@ -119,14 +161,23 @@ class DeltaWrapper(nn.Module):
     def _pending(self, names: Iterable[str]) -> list[str]:
         return [n for n in names if n in self.deltas and n not in self.merged]
 
+    def _split(self, names: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(replacing, chained) in the given order."""
+        names = list(names)
+        replacing = [n for n in names if replaces_parameters(self.deltas[n])]
+        return replacing, [n for n in names if n not in replacing]
+
     def check_merge(self, names: Iterable[str]) -> None:
         """Raise MergeError if merging would give non-finite weights; changes nothing."""
-        pending = self._pending(names)
-        if not pending:
+        replacing, chained = self._split(self._pending(names))
+        for name in replacing:
+            if not all(torch.isfinite(t).all() for t in self.deltas[name].overrides().values()):
+                raise MergeError(f"adapter {name!r} holds non-finite values; the base was left untouched")
+        if not chained:
             return
-        weight, bias, _ = self._merged(pending)
+        weight, bias, _ = self._merged(chained)
         if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-            raise MergeError(f"merging adapter(s) {pending} gives non-finite weights; the base was left untouched")
+            raise MergeError(f"merging adapter(s) {chained} gives non-finite weights; the base was left untouched")
 
     def merge(self, names: Iterable[str], *, safe: bool = True) -> None:
         pending = self._pending(names)
@@ -139,20 +190,46 @@ class DeltaWrapper(nn.Module):
             )
         if safe:
             self.check_merge(pending)
-        weight, bias, undo = self._merged(pending)
-        self._write(weight, bias)
-        self.merged.extend(pending)
-        self._undo.update(undo)
+        if self.merged and self._split(pending)[0]:  # replaced parameters go under merged chained deltas
+            pending = self.merged + pending
+            self.unmerge()
+        replacing, chained = self._split(pending)
+        for name in replacing:
+            self._replace(name)
+        if chained:
+            weight, bias, undo = self._merged(chained)
+            self._write(weight, bias)
+            self.merged.extend(chained)
+            self._undo.update(undo)
+
+    def _replace(self, name: str) -> None:
+        own = dict(self.base_layer.named_parameters(recurse=False))
+        saved: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key, value in self.deltas[name].overrides().items():
+                saved[key] = own[key].detach().clone()
+                own[key].copy_(value)
+        self._replaced[name] = saved
+        self.merged.append(name)
 
     def unmerge(self) -> None:
         if not self.merged:
             return
-        base = self.base_layer
-        weight = backends.read_weight(base).float()
-        bias = base.bias.detach().float() if getattr(base, "bias", None) is not None else None
-        for name in reversed(self.merged):
-            weight, bias = self.deltas[name].unmerge(weight, bias, self._undo.pop(name))
-        self._write(weight, bias)
+        replacing, chained = self._split(self.merged)
+        if chained:
+            base = self.base_layer
+            weight = backends.read_weight(base).float()
+            bias = base.bias.detach().float() if getattr(base, "bias", None) is not None else None
+            for name in reversed(chained):  # a refusal here (MergeError) leaves the layer merged as it was
+                weight, bias = self.deltas[name].unmerge(weight, bias, self._undo.get(name))
+            self._write(weight, bias)
+            for name in chained:
+                self._undo.pop(name, None)
+        own = dict(self.base_layer.named_parameters(recurse=False))
+        with torch.no_grad():
+            for name in reversed(replacing):
+                for key, value in self._replaced.pop(name).items():
+                    own[key].copy_(value)
         self.merged.clear()
 
     def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -7,25 +7,44 @@ anyone registering a tuner of their own. Every check first makes the adapter non
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.core.registry import TunerSpec
+from deltatune.core.config import ConfigError
+from deltatune.core.registry import TunerSpec, get_spec
 from deltatune.core.tuned_model import TunedModel, get_tuned_model
-from deltatune.testing.tiny_models import TinyModel
+from deltatune.testing.tiny_models import TINY_MODELS, TinyModel
 
 ATOL = 1e-5
 
 
 def make_config(spec: TunerSpec, example: dict[str, Any], tiny: TinyModel):
-    """The example config aimed at this model's layers of the kinds the tuner adapts (None if none)."""
+    """The example config aimed at this model's layers of the kinds the tuner adapts (None if none).
+
+    A "select" tuner's example runs as given, on the models where it selects something."""
+    if spec.kind == "select":
+        config = spec.config(**{"task_type": tiny.task_type, **example})
+        return config if _selects_something(spec.name, json.dumps(example, sort_keys=True), tiny.name) else None
     targets = [name for kind in spec.dispatch for name in tiny.targets.get(kind, [])]
     if not targets:
         return None
     return spec.config(**{"target_modules": targets, "task_type": tiny.task_type, **example})
+
+
+@functools.cache
+def _selects_something(spec_name: str, example_json: str, tiny_name: str) -> bool:
+    spec, tiny = get_spec(spec_name), TINY_MODELS[tiny_name]
+    config = spec.config(**{"task_type": tiny.task_type, **json.loads(example_json)})
+    try:
+        TunedModel(tiny.fresh(), config)
+    except ConfigError:
+        return False
+    return True
 
 
 def run(tiny: TinyModel, model: nn.Module, seed: int = 0) -> torch.Tensor:

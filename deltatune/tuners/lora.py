@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,15 @@ class LoraConfig(TunerConfig):
             for key, value in pattern.items():
                 if not isinstance(value, (int, float)) or value <= 0 or (name == "rank_pattern" and value != int(value)):
                     raise ConfigError(f"{name}[{key!r}] must be a positive {'integer' if name == 'rank_pattern' else 'number'}")
+
+
+    def warn_on_load(self, source: str) -> None:
+        if self.init_lora_weights in ("pissa", "olora") or _pissa_niter(self.init_lora_weights):
+            warnings.warn(
+                f"{source}: this adapter was initialised with {self.init_lora_weights!r}, which rewrites the base "
+                "weights; it reproduces the trained model only on that residual base (or merge it before export)",
+                stacklevel=3,
+            )
 
 
 def _pissa_niter(init: Any) -> int | None:
