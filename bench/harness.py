@@ -26,7 +26,8 @@ SUITES = {
                 tuners=["lora-qv", "lora-all", "lora-all-gc", "dora-qv", "ia3", "prompt", "prefix"],
                 modes=["train"], repeats=2, infer_tuners=["lora-all"]),
     "gpu": dict(model="llama1b", batch=8, seq=1024, warmup=3, steps=10, threads=8, device="cuda", dtype="bf16",
-                tuners=["lora-all", "dora-qv", "ia3"], modes=["train"], repeats=1, infer_tuners=["lora-all"]),
+                tuners=["lora-all", "dora-qv", "ia3"], modes=["train"], repeats=1, infer_tuners=["lora-all"],
+                extra_libs={"lora-all": ["peft-bf16"]}),
 }  # fmt: skip
 
 
@@ -47,7 +48,8 @@ def cases_for(suite: dict) -> list[dict]:
     cases = []
     for _ in range(suite["repeats"]):
         for tuner, mode in plan:
-            for lib in ("deltatune", "peft"):
+            extra = suite.get("extra_libs", {}).get(tuner, []) if mode == "train" else []
+            for lib in ("deltatune", "peft", *extra):
                 cases.append({**base, "tuner": tuner, "mode": mode, "lib": lib})
         for tuner in suite.get("reference", ["full", "frozen"]) if suite["model"] != "llama-tiny" else []:
             cases.append({**base, "tuner": tuner, "mode": "train", "lib": "torch"})

@@ -79,12 +79,13 @@ def apply_tuner(model, lib: str, tuner: dict[str, Any]):
             p.requires_grad_(False)
         model.enable_input_require_grads()
         return model
-    if lib == "peft":
+    if lib in ("peft", "peft-bf16"):
         import peft
 
         cls = {"lora": peft.LoraConfig, "ia3": peft.IA3Config, "prompt": peft.PromptTuningConfig,
                "prefix": peft.PrefixTuningConfig}[kind]  # fmt: skip
-        return peft.get_peft_model(model, cls(task_type="CAUSAL_LM", **fields))
+        # peft's default keeps adapters in fp32 on a bf16 base; "peft-bf16" is its opt-out
+        return peft.get_peft_model(model, cls(task_type="CAUSAL_LM", **fields), autocast_adapter_dtype=lib == "peft")
     import deltatune as dt
 
     cls = dt.get_spec({"prompt": "prompt_tuning", "prefix": "prefix_tuning"}.get(kind, kind)).config

@@ -41,7 +41,7 @@ def test_lm_loss_and_adapter_grads_match_the_plain_path(model_name):
     grads = torch.autograd.grad(loss_sum / count, [p for p in tuned.parameters() if p.requires_grad])
     plain = tuned(**inputs, labels=labels).loss
     plain_grads = torch.autograd.grad(plain, [p for p in tuned.parameters() if p.requires_grad])
-    assert count == int((labels[:, 1:] != -100).sum())
+    assert int(count) == int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(loss_sum / count, plain, atol=1e-5, rtol=1e-5)
     for ours, theirs in zip(grads, plain_grads):
         assert theirs.abs().max() > 0

@@ -56,7 +56,7 @@ def fused_linear_cross_entropy(
 
     Args:
         hidden: (N, H) activations; weight: (V, H) frozen head; labels: (N,).
-        chunk_tokens: tokens per chunk (default: about 8M logits per chunk).
+        chunk_tokens: tokens per chunk (default: about 8M logits per chunk; on an H200 64M was no faster).
     Returns:
         A scalar fp32 sum (divide by the number of supervised tokens for the mean).
     """
@@ -81,8 +81,12 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, int]:
-    """(sum of next-token losses, number of supervised tokens) for a causal LM.
+def causal_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token losses, number of supervised tokens as a 0-dim tensor) for a causal LM.
+
+    The count stays a tensor so a GPU step never waits on a host sync; `int(count)` when needed.
 
     Uses the fused chunked path when the model (a transformers causal LM, possibly inside a
     TunedModel with delta tuners) has a frozen plain head; otherwise computes logits as usual.
@@ -91,7 +95,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     head = _plain_head(inner)
     backbone = getattr(inner, "base_model", None)
     shifted = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    count = int((shifted != IGNORE_INDEX).sum())
+    count = (shifted != IGNORE_INDEX).sum()
     if head is None or backbone is None or backbone is inner or getattr(model, "rewrites_inputs", False):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(

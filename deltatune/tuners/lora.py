@@ -199,22 +199,21 @@ class LoraLinear(_LoraBase):
 
     def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
         result = base(x)
-        a = self.lora_A.weight.to(x.dtype)
-        b = self.lora_B.weight.to(x.dtype)
+        a = self.lora_A.weight.to(x.dtype)  # (r, in): cast the small weights, not the activations
+        b = (self.lora_B.weight * self.scale).to(x.dtype)  # (out, r), scale folded in: one pass less over (..., out)
         dropped = self.dropout(x)
         update = F.linear(F.linear(dropped, a), b)  # (..., out)
         if not self.use_dora:
-            return result + update * self.scale
+            return result + update
         weight = base.weight().to(x.dtype)  # (out, in)
         with torch.no_grad():
-            norm = self._dora_norm(weight, (b @ a) * self.scale)  # (out,)
-        magnitude = self.lora_magnitude_vector.to(x.dtype)
-        ratio = magnitude / norm  # (out,)
+            norm = self._dora_norm(weight, b @ a)  # (out,), a constant in backward (DoRA section 4.3)
+        ratio = self.lora_magnitude_vector.to(x.dtype) / norm  # (out,)
         if isinstance(self.dropout, nn.Identity):
-            base_out = result if base.bias is None else result - base.bias.to(result.dtype)
-        else:
-            base_out = F.linear(dropped, weight)
-        return result + (ratio - 1) * base_out + ratio * update * self.scale
+            # result + (ratio - 1) (W x) + ratio * update, with W x = result - bias, regrouped:
+            out = (result + update) * ratio
+            return out if base.bias is None else out + (1 - ratio) * base.bias.to(out.dtype)
+        return result + (ratio - 1) * F.linear(dropped, weight) + ratio * update
 
     def _init_from_decomposition(self, read_weight, write_weight) -> None:
         weight = read_weight().float()  # (out, in)
