@@ -1,0 +1,1 @@
+"""The `deltatune` command line (entry point: deltatune.cli.main:main)."""

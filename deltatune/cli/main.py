@@ -1,0 +1,189 @@
+"""`deltatune`: fine-tune, run, evaluate, export and inspect adapters from the command line.
+
+    deltatune sft                      # the embedded demo: SmolLM2-135M + LoRA on chatterbot, ~3 min
+    deltatune sft --model M --dataset D --output-dir OUT --max-steps 200
+    deltatune infer --model M --adapter OUT/adapter --prompt "Hello"
+    deltatune eval --model M --adapter OUT/adapter --dataset D
+    deltatune export --model M --adapter OUT/adapter --output-dir merged --merge
+    deltatune inspect --model M --tuner lora --tuner-args r=16,target_modules=all-linear
+
+Errors print one line (the problem and the fix) and exit with a status per kind of problem
+(deltatune.cli.errors); --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from deltatune.cli.errors import INTERNAL, OK, exit_code
+from deltatune.core.config import field_docs
+from deltatune.train.args import TrainArgs
+
+# Flags of `sft`, in help order, as (flag, TrainArgs field, argparse options).
+_SFT_FLAGS: list[tuple[str, str, dict]] = [
+    ("--model", "model", {}),
+    ("--dataset", "dataset", {}),
+    ("--tuner", "tuner", {}),
+    ("--tuner-args", "tuner_args", {"metavar": "KEY=VALUE,..."}),
+    ("--output-dir", "output_dir", {}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--grad-accum", "grad_accum", {"type": int}),
+    ("--lr", "lr", {"type": float}),
+    ("--lr-scheduler", "lr_scheduler", {"choices": ["cosine", "linear", "constant"]}),
+    ("--warmup-ratio", "warmup_ratio", {"type": float}),
+    ("--weight-decay", "weight_decay", {"type": float}),
+    ("--max-grad-norm", "max_grad_norm", {"type": float}),
+    ("--loraplus-lr-ratio", "loraplus_lr_ratio", {"type": float}),
+    ("--seed", "seed", {"type": int}),
+    ("--max-length", "max_length", {"type": int}),
+    ("--val-size", "val_size", {"type": float}),
+    ("--save-steps", "save_steps", {"type": int}),
+    ("--save-total-limit", "save_total_limit", {"type": int}),
+    ("--eval-steps", "eval_steps", {"type": int}),
+    ("--resume", "resume", {"nargs": "?", "const": True, "metavar": "PATH"}),
+    ("--overwrite", "overwrite", {"action": "store_true"}),
+    ("--gradient-checkpointing", "gradient_checkpointing", {"action": "store_true"}),
+    ("--dtype", "dtype", {"choices": ["fp32", "bf16", "fp16"]}),
+    ("--quantize", "quantize", {"choices": ["4bit", "8bit"]}),
+    ("--nan-patience", "nan_patience", {"type": int}),
+    ("--num-samples", "num_samples", {"type": int}),
+    ("--max-new-tokens", "max_new_tokens", {"type": int}),
+    ("--trust-remote-code", "trust_remote_code", {"action": "store_true"}),
+]
+
+
+def _add_common_model_flags(parser: argparse.ArgumentParser, *, adapter: str | None = "optional") -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="registry name, local folder or hub id")
+    if adapter is not None:
+        parser.add_argument("--adapter", required=adapter == "required", help="adapter folder (PEFT format)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="base weight dtype")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run (off by default)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltatune", description="Parameter-efficient fine-tuning from the command line."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    docs = field_docs(TrainArgs)
+    sft = sub.add_parser(
+        "sft", help="supervised fine-tuning with an adapter", argument_default=argparse.SUPPRESS,
+        description="Supervised fine-tuning. With no arguments: SmolLM2-135M-Instruct + LoRA on chatterbot-en.",
+    )  # fmt: skip
+    sft.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    sft.add_argument("--config", metavar="FILE.yaml", help="YAML with the same keys as the flags; flags override it")
+    steps = sft.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, help=docs.get("max_steps"))
+    steps.add_argument("--num-epochs", type=float, help=docs.get("num_epochs"))
+    for flag, name, options in _SFT_FLAGS:
+        sft.add_argument(flag, dest=name, help=docs.get(name), **options)
+
+    infer = sub.add_parser("infer", help="answer prompts with a model (+ adapter)")
+    _add_common_model_flags(infer)
+    source = infer.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one user message (the answer streams)")
+    source.add_argument("--dataset", help="dataset spec: answer the user turn of each row")
+    infer.add_argument("--merge", action="store_true", help="fold the adapter into the weights first (faster)")
+    infer.add_argument("--max-new-tokens", type=int, default=64)
+    infer.add_argument("--batch-size", type=int, default=8)
+    infer.add_argument("--limit", type=int, default=20, help="rows of --dataset to answer")
+    infer.add_argument("--seed", type=int, default=42, help="seeds #N sampling of --dataset")
+
+    evaluate = sub.add_parser("eval", help="held-out loss, perplexity and ROUGE-L")
+    _add_common_model_flags(evaluate)
+    evaluate.add_argument("--dataset", required=True, help="dataset spec")
+    evaluate.add_argument("--max-length", type=int, default=96)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--generate", type=int, default=32, help="rows answered for ROUGE-L (0: loss only)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=48)
+    evaluate.add_argument("--seed", type=int, default=42, help="seeds #N sampling of --dataset")
+    evaluate.add_argument("--output", help="also write the metrics as JSON to this file")
+
+    export = sub.add_parser("export", help="a merged model, or a cleaned PEFT adapter")
+    _add_common_model_flags(export, adapter="required")
+    export.add_argument("--output-dir", required=True)
+    export.add_argument("--merge", action="store_true", help="write the merged model (plain transformers folder)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+
+    inspect = sub.add_parser("inspect", help="what a tuner would target and train, without loading weights")
+    inspect.add_argument("--model", default="smollm2-135m-instruct", help="registry name, local folder or hub id")
+    inspect.add_argument("--tuner", default="lora")
+    inspect.add_argument("--tuner-args", default="", metavar="KEY=VALUE,...")
+    inspect.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    inspect.add_argument("--quantize", choices=["4bit", "8bit"])
+    inspect.add_argument("--trust-remote-code", action="store_true")
+    inspect.add_argument("--show", type=int, default=12, help="matched module names to list")
+
+    sub.add_parser("models", help="list the model registry")
+    datasets = sub.add_parser("datasets", help="list the dataset catalogue")
+    datasets.add_argument("--offline", action="store_true", help="only data sets that work offline")
+    return parser
+
+
+def sft_args(ns: argparse.Namespace) -> TrainArgs:
+    """TrainArgs from defaults <- --config file <- flags (flags win)."""
+    from deltatune.cli.parsing import parse_tuner_args, read_config_file
+
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "debug", "config")}
+    args = TrainArgs()
+    if getattr(ns, "config", None):
+        data = read_config_file(ns.config)
+        args = args.updated(data, source=ns.config)
+        if "num_epochs" in {k.replace("-", "_") for k in data} and "max_steps" not in {
+            k.replace("-", "_") for k in data
+        }:
+            args = args.updated({"max_steps": None})
+    if "tuner_args" in given:
+        given["tuner_args"] = {**args.tuner_args, **parse_tuner_args(given["tuner_args"])}
+    if "num_epochs" in given:
+        given["max_steps"] = None
+    elif "max_steps" in given:
+        given["num_epochs"] = None
+    trust = given.pop("trust_remote_code", False)
+    args = args.updated(given, source="command line")
+    if trust:
+        args.trust_remote_code = True
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    debug = bool(getattr(ns, "debug", False)) or "--debug" in argv or os.environ.get("DELTATUNE_DEBUG") == "1"
+    try:
+        from deltatune.cli import commands
+
+        handler = getattr(commands, f"run_{ns.command}")
+        if ns.command == "sft":
+            return handler(sft_args(ns)) or OK
+        return handler(ns) or OK
+    except KeyboardInterrupt:
+        print("deltatune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place errors become exit statuses
+        code = exit_code(err)
+        if debug or code is None:
+            import traceback
+
+            traceback.print_exc()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if code is None:
+            print(
+                f"deltatune: internal error: {type(err).__name__}: {first} (this is a bug; rerun with --debug)",
+                file=sys.stderr,
+            )
+            return INTERNAL
+        print(f"deltatune: {first}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""TrainArgs: every knob of `deltatune sft`, documented once (the docstrings are the CLI help).
+
+The defaults are the embedded demo: SmolLM2-135M-Instruct + LoRA (r 8 on q_proj/v_proj) on the
+de-duplicated English chatterbot pairs, about three minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from deltatune.core.config import ConfigError
+
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    """Arguments of one fine-tuning run (`deltatune.train.train(TrainArgs(...))`)."""
+
+    model: str = "smollm2-135m-instruct"
+    """Base model: a registry name (`deltatune models`), a local folder, or a hub id."""
+    dataset: str = "chatterbot-en"
+    """Dataset spec: catalogue names or local files, comma-separated, each optionally NAME#N."""
+    tuner: str = "lora"
+    """Tuner registry name."""
+    tuner_args: dict[str, Any] = field(default_factory=lambda: {"r": 8, "lora_alpha": 16})
+    """Fields of the tuner's config (KEY=VALUE,...); target_modules defaults to the model's entry."""
+    output_dir: str | None = None
+    """Run folder (checkpoints, logs, adapter); default runs/<model>-<tuner>-<time>."""
+    max_steps: int | None = 90
+    """Optimizer steps to run (exclusive with num_epochs)."""
+    num_epochs: float | None = None
+    """Passes over the training rows (exclusive with max_steps)."""
+    batch_size: int = 8
+    """Rows per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (the loss is normalized over all their tokens)."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    warmup_ratio: float = 0.05
+    """Share of the steps spent warming the learning rate up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on trainable tensors."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: learning rate of lora_B tensors = ratio * lr (e.g. 16)."""
+    seed: int = 42
+    """Seeds the adapter init, the data split, the sampling and the shuffling."""
+    max_length: int = 96
+    """Tokens per row after truncation (the answer's end-of-turn token is always kept)."""
+    val_size: float = 200
+    """Held-out rows: a count >= 1 or a fraction in (0, 1); 0 disables evaluation."""
+    save_steps: int = 50
+    """Write a checkpoint every N steps (and always at the end)."""
+    save_total_limit: int = 2
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    eval_steps: int | None = None
+    """Evaluate held-out loss every N steps (always before and after training)."""
+    resume: str | bool = False
+    """Continue from the newest valid checkpoint (of output_dir, or of the given run/checkpoint folder)."""
+    overwrite: bool = False
+    """Delete an existing run in output_dir and start over."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (adapter gradients stay non-zero)."""
+    dtype: str = "fp32"
+    """Base weight dtype: fp32, bf16 or fp16 (adapters stay fp32; bf16/fp16 autocast)."""
+    quantize: str | None = None
+    """Load the base in 4bit (NF4) or 8bit with bitsandbytes (QLoRA)."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code to run. Only the command-line flag turns it on."""
+    num_samples: int = 2
+    """Held-out prompts answered before and after training (greedy)."""
+    max_new_tokens: int = 40
+    """Length limit of those sample answers."""
+    nan_patience: int = 3
+    """Stop after this many consecutive steps with non-finite loss or gradients."""
+    grad_check_steps: int = 3
+    """Within the first N steps every trainable tensor must get a finite, non-zero gradient."""
+    plot: bool = True
+    """Write loss.png at the end."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    # ---------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid value (before any model or data loads)."""
+        if (self.max_steps is None) == (self.num_epochs is None):
+            raise ConfigError("give exactly one of max_steps and num_epochs")
+        _positive(self, "max_steps", int, allow_none=True)
+        if self.num_epochs is not None and not (isinstance(self.num_epochs, (int, float)) and self.num_epochs > 0):
+            raise ConfigError(f"num_epochs must be > 0, got {self.num_epochs!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "save_total_limit", "nan_patience"):
+            _positive(self, name, int)
+        _positive(self, "eval_steps", int, allow_none=True)
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 10):
+            raise ConfigError(f"lr must be in (0, 10), got {self.lr!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ConfigError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("max_grad_norm and weight_decay must be >= 0")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ConfigError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio!r}")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length must be >= 8, got {self.max_length}")
+        if not (
+            self.val_size == 0 or 0 < self.val_size < 1 or (self.val_size >= 1 and self.val_size == int(self.val_size))
+        ):
+            raise ConfigError(f"val_size must be 0, a fraction in (0, 1) or a row count, got {self.val_size!r}")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise ConfigError(f"quantize must be 4bit or 8bit, got {self.quantize!r}")
+        if not isinstance(self.tuner_args, dict):
+            raise ConfigError(f"tuner_args must be a mapping, got {type(self.tuner_args).__name__}")
+        if self.overwrite and self.resume:
+            raise ConfigError("--resume and --overwrite exclude each other; pick one")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.num_epochs * steps_per_epoch))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], *, source: str = "config") -> TrainArgs:
+        """Build from a config file's mapping; unknown keys and trust_remote_code are refused."""
+        return cls().updated(data, source=source)
+
+    def updated(self, data: dict[str, Any], *, source: str = "config") -> TrainArgs:
+        """A copy with keys of `data` (names as fields, '-' accepted for '_') set."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+        known = {f.name for f in fields(self)}
+        changes = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
+        if changes.get("trust_remote_code"):
+            raise ConfigError(f"{source}: trust_remote_code cannot be set from a file; pass --trust-remote-code")
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(args: TrainArgs, name: str, kind: type, *, allow_none: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, kind) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def stable_hash(data: Any) -> str:
+    """sha256 of canonical JSON."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,76 @@
+"""Training data as a pure function of the step: no iterator state to save.
+
+Each epoch shuffles the training examples with a generator seeded by (seed, epoch). An optimizer
+step consumes `global_batch = batch_size * grad_accum * world_size` examples in permutation order
+(the last partial global batch of an epoch is dropped), so the cursor of step s is
+(epoch = s // steps_per_epoch, position = (s % steps_per_epoch) * global_batch), O(1) to restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deltatune.data import DataError, collate
+
+
+@dataclass(frozen=True)
+class Cursor:
+    epoch: int
+    position: int
+    permutation_seed: int
+
+
+class StepData:
+    """Micro-batches of each optimizer step, for one process of `world_size`."""
+
+    def __init__(self, examples: list[dict[str, list[int]]], *, batch_size: int, grad_accum: int, seed: int,
+                 pad_id: int, world_size: int = 1, rank: int = 0):  # fmt: skip
+        self.examples = examples
+        self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
+        self.world_size, self.rank = world_size, rank
+        self.global_batch = batch_size * grad_accum * world_size
+        self.steps_per_epoch = len(examples) // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise DataError(
+                f"{len(examples)} training rows are fewer than one global batch ({self.global_batch} = batch_size "
+                f"{batch_size} x grad_accum {grad_accum} x {world_size} processes); use more data or a smaller batch"
+            )
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def cursor(self, step: int) -> Cursor:
+        """Where step `step` (0-based) starts reading."""
+        return Cursor(step // self.steps_per_epoch, (step % self.steps_per_epoch) * self.global_batch, self.seed)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(len(self.examples), generator=gen).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This process's grad_accum micro-batches of step `step`, collated."""
+        cursor = self.cursor(step)
+        order = self._permutation(cursor.epoch)[cursor.position : cursor.position + self.global_batch]
+        out = []
+        for micro in range(self.grad_accum):
+            # Micro-batch k of every process is a contiguous slice, so k x b on one process and
+            # one process per slice read the same rows in the same order.
+            start = (micro * self.world_size + self.rank) * self.batch_size
+            rows = [self.examples[i] for i in order[start : start + self.batch_size]]
+            out.append(collate(rows, self.pad_id))
+        return out
+
+
+def fingerprint(examples: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+    """sha256 over the token ids, labels and the settings that define the data stream."""
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for example in examples:
+        digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+    return digest.hexdigest()

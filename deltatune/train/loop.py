@@ -1,0 +1,510 @@
+"""The training loop: one readable function on `accelerate`, whatever the tuner.
+
+    result = deltatune.train.train(TrainArgs(model="smollm2-135m-instruct", dataset="chatterbot-en"))
+
+Order of a run: validate arguments -> claim the output folder -> load, split and tokenize the data
+-> load the base model, add the adapter -> restore a checkpoint (--resume) -> held-out loss and
+sample answers -> steps -> held-out loss and sample answers again -> final adapter, plot.
+
+One optimizer step reads `grad_accum` micro-batches. Its loss is token-level: the sum of every
+supervised token's cross-entropy over the number of supervised tokens of the whole accumulated
+batch (all micro-batches, all processes), so k micro-batches of b rows give the gradient of one
+batch of k*b rows. Each micro-batch's backward gets (its token-loss sum) / (global token count),
+times world_size because DDP averages gradients over processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltatune.core.tuned_model import TunedModel, get_tuned_model
+from deltatune.train import checkpoint as ckpt
+from deltatune.train.args import TrainArgs, stable_hash
+from deltatune.train.data import StepData, fingerprint
+from deltatune.train.errors import DivergedError, GradientCheckError, Interrupted, NothingToDo, ResumeError
+from deltatune.train.evaluate import evaluate_loss, generate_answers, token_loss_sum
+from deltatune.train.faults import maybe_fault
+from deltatune.train.metrics import MetricsLog, plot_losses
+from deltatune.train.optim import build_optimizer, lr_factor, set_lr, trainable_parameters
+from deltatune.train.outdir import RunLock, prepare_output_dir
+from deltatune.train.setup import build_tuner_config, diff, structural
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (also printed by `deltatune sft`)."""
+
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    resumed_from: int = 0
+    eval_before: dict[str, float] | None = None
+    eval_after: dict[str, float] | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)
+    plot: Path | None = None
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    is_main_process: bool = True
+
+
+@dataclass
+class _Data:
+    train: list[dict]
+    val: list[dict]
+    prompts: list[list[dict[str, str]]]
+    references: list[str]
+
+
+def _default_output_dir(args: TrainArgs) -> Path:
+    short = Path(args.model).name.lower().replace("/", "-") or "model"
+    return Path("runs") / f"{short}-{args.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _resolve_dirs(args: TrainArgs) -> tuple[Path, Path | None]:
+    """(output folder, explicit checkpoint folder or None) from --output-dir and --resume PATH."""
+    explicit: Path | None = None
+    out = Path(args.output_dir) if args.output_dir else None
+    if isinstance(args.resume, str) and args.resume:
+        path = Path(args.resume)
+        if (path / ckpt.MANIFEST).is_file():
+            explicit, run = path, path.parent.parent
+        elif path.is_dir():
+            run = path
+        else:
+            raise ResumeError(f"--resume {path}: no such run folder or checkpoint")
+        out = out or run
+    if out is None:
+        if args.resume:
+            raise ResumeError("--resume needs --output-dir (or --resume RUN_FOLDER)")
+        out = _default_output_dir(args)
+    return out, explicit
+
+
+def _load_data(args: TrainArgs, tokenizer: Any, log) -> _Data:
+    from deltatune.data import encode_rows, load_rows, train_val_split
+
+    rows, report = load_rows(args.dataset, seed=args.seed)
+    log(report.summary())
+    if args.val_size:
+        val_size = int(args.val_size) if args.val_size >= 1 else float(args.val_size)
+        train_rows, val_rows = train_val_split(rows, val_size, seed=args.seed)
+    else:
+        train_rows, val_rows = list(rows), []
+    train, enc_report = encode_rows(tokenizer, train_rows, max_length=args.max_length)
+    log(enc_report.summary())
+    val, _ = encode_rows(tokenizer, val_rows, max_length=args.max_length) if val_rows else ([], None)
+    prompts, references = [], []
+    for row in val_rows:
+        if len(prompts) == args.num_samples or "messages" not in row:
+            break
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        prompt, answer = row["messages"][:last], row["messages"][last]["content"]
+        if len(prompt[-1]["content"].split()) >= 2 and len(answer.split()) >= 2:  # skip "2" -> "'" style rows
+            prompts.append(prompt)
+            references.append(answer)
+    return _Data(train, val, prompts, references)
+
+
+def _accelerator(args: TrainArgs):
+    from accelerate import Accelerator
+
+    mixed = "no"
+    if args.dtype == "bf16":
+        mixed = "bf16"
+    elif args.dtype == "fp16" and torch.cuda.is_available():
+        mixed = "fp16"
+    # Under torchrun without GPUs accelerate only forms a (gloo) process group when told to use the CPU.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed, cpu=multi_cpu)
+
+
+def train(
+    args: TrainArgs,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    train_examples: list[dict] | None = None,
+    val_examples: list[dict] | None = None,
+    log=print,
+) -> TrainResult:
+    """Fine-tune `args.model` on `args.dataset` with `args.tuner`; see TrainArgs for every field.
+
+    A base `model` (not yet tuned), a `tokenizer` and pre-tokenized examples may be passed instead
+    of names (tests, notebooks); the output-folder, checkpoint and resume rules are the same.
+
+    Raises:
+        ConfigError, DataError, ModelError: invalid arguments, data or model (before training).
+        OutputDirError, ResumeError, NothingToDo: output folder / resume problems.
+        DivergedError, GradientCheckError: training guards. Interrupted: SIGTERM/SIGINT, saved.
+    """
+    from deltatune.models import get_model_spec, load_model, load_tokenizer, resolve_model
+
+    started = time.time()
+    args.validate()
+    model_spec = get_model_spec(args.model) if model is None else None
+    config = build_tuner_config(args.tuner, args.tuner_args, model_spec)  # validated before any load
+    out, explicit = _resolve_dirs(args)
+    accelerator = _accelerator(args)
+    is_main = accelerator.is_main_process
+    say = log if is_main else (lambda *_: None)
+    lock = RunLock(out).acquire() if is_main else None
+    try:
+        if is_main:
+            prepare_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
+        accelerator.wait_for_everyone()
+
+        # -- data (tokenizer first: tokenization is validated before the model loads) -----------
+        source = None
+        if model is None or tokenizer is None:
+            source, _ = resolve_model(args.model, log=say)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code)
+        if train_examples is None:
+            data = _load_data(args, tokenizer, say)
+        else:
+            data = _Data(list(train_examples), list(val_examples or []), [], [])
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        steps = StepData(
+            data.train, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, pad_id=pad_id,
+            world_size=accelerator.num_processes, rank=accelerator.process_index,
+        )  # fmt: skip
+        total = args.total_steps(steps.steps_per_epoch)
+        layout = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "world_size": accelerator.num_processes}
+        data_fp = fingerprint(data.train, {"seed": args.seed, **layout})
+        template = getattr(tokenizer, "chat_template", None) or ""
+        shape = structural(
+            config, model=args.model, tuner=args.tuner, max_length=args.max_length,
+            chat_template_sha256=stable_hash(template),
+        )  # fmt: skip
+        config_hash = stable_hash(shape)
+
+        # -- which checkpoint, if any ---------------------------------------------------------------
+        checkpoints = out / "checkpoints"
+        found = None
+        if args.resume:
+            found = (explicit, ckpt.verify(explicit)) if explicit else ckpt.find_latest(checkpoints, log=say)
+            if found is None:
+                say(f"--resume: no complete checkpoint in {checkpoints}; starting from step 0")
+            else:
+                saved_args = ckpt.read_json(found[0] / "train_args.json")
+                changes = diff(saved_args["structural"], shape)
+                if changes:
+                    raise ResumeError(
+                        f"cannot resume {found[0]}: the structural config changed ({'; '.join(changes)}); "
+                        "restore those settings or start a new run with --overwrite / another --output-dir"
+                    )
+                if found[1].get("data_fingerprint") != data_fp:
+                    old_layout = saved_args.get("layout", {})
+                    extra = "; ".join(diff(old_layout, layout)) or "same batch layout, different rows/tokens"
+                    raise ResumeError(
+                        f"cannot resume {found[0]}: the training data changed ({extra}); exact resume needs "
+                        "the same dataset, seed and batch layout"
+                    )
+                if found[1]["step"] >= total:
+                    raise NothingToDo(
+                        f"nothing to do: {found[0]} is at step {found[1]['step']} and max_steps is {total}; "
+                        "raise --max-steps / --num-epochs to train further"
+                    )
+        if is_main:
+            ckpt.remove_stale_temps(checkpoints)
+            ckpt.write_json(out / "run.json", {"args": _jsonable(args), "structural": shape, "layout": layout})
+        metrics = MetricsLog(out / "logs.jsonl")
+        start_step = found[1]["step"] if found else 0
+        if is_main and metrics.path.exists():
+            # records of steps after the checkpoint are redone; without a checkpoint, all of them
+            if found:
+                metrics.truncate_after(start_step)
+            else:
+                metrics.path.unlink()
+
+        # -- model ----------------------------------------------------------------------------------
+        torch.manual_seed(args.seed)  # adapter init
+        if model is None:
+            say(f"loading {args.model} ...")
+            model = load_model(
+                source, dtype=args.dtype, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                task_type=getattr(config, "task_type", None) or "CAUSAL_LM",
+            )  # fmt: skip
+        tuned = model if isinstance(model, TunedModel) else get_tuned_model(model, config)
+        if getattr(tuned, "config", None) is not None and hasattr(tuned.config, "use_cache"):
+            tuned.config.use_cache = False
+        if args.gradient_checkpointing:
+            tuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            tuned.enable_input_require_grads()  # so reentrant variants also reach the adapters
+        named = trainable_parameters(tuned)
+        param_names = [n for n, _ in named]
+        optimizer = build_optimizer(
+            named, lr=args.lr, weight_decay=args.weight_decay, loraplus_lr_ratio=args.loraplus_lr_ratio
+        )
+        if found:
+            _restore(found[0], tuned, optimizer, param_names, accelerator)
+            say(f"resumed from {found[0]} (step {start_step})")
+        trainable, all_params = tuned.get_nb_trainable_parameters()
+        say(f"trainable params: {trainable:,d} of {all_params:,d} ({100 * trainable / all_params:.3f}%)")
+        tuned.to(accelerator.device)
+        prepared, optimizer = accelerator.prepare(tuned, optimizer)
+        device = accelerator.device
+
+        result = TrainResult(output_dir=out, adapter_dir=out / "adapter", steps=start_step, resumed_from=start_step)
+        result.is_main_process = is_main
+        if found is None:
+            result.eval_before = _evaluate(tuned, data, args, pad_id, device) if is_main else None
+            before = _answers(tuned, tokenizer, data, args, device) if is_main else []
+            if result.eval_before and is_main:
+                metrics.write({"event": "eval", "step": 0, **result.eval_before})
+            if is_main:
+                metrics.write({"event": "samples", "step": 0, "answers": before})
+        else:
+            result.eval_before = next((r for r in metrics.read() if r.get("event") == "eval" and r["step"] == 0), None)
+            before = next((r["answers"] for r in metrics.read() if r.get("event") == "samples" and r["step"] == 0), [])
+        if result.eval_before:
+            say(
+                f"held-out loss before: {result.eval_before['loss']:.4f} (perplexity {result.eval_before['perplexity']:.2f})"
+            )
+        accelerator.wait_for_everyone()
+
+        # -- steps -----------------------------------------------------------------------------------
+        warmup = int(args.warmup_ratio * total)
+        stop = {"signal": None}
+        previous = _install_signal_handlers(stop)
+        pending_grad_check = set(param_names) if start_step < args.grad_check_steps else set()
+        bad_steps: list[int] = []
+        progress = _progress(args, total, start_step, is_main)
+        prepared.train()
+        try:
+            for step in range(start_step, total):
+                t0 = time.time()
+                micro = [{k: v.to(device) for k, v in mb.items()} for mb in steps.micro_batches(step)]
+                local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+                global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=device), "sum"))
+                loss_sum = torch.zeros((), device=device)
+                for i, batch in enumerate(micro):
+                    sync = i == len(micro) - 1
+                    with _no_sync(accelerator, prepared, sync), accelerator.autocast():
+                        part, _ = token_loss_sum(prepared, batch)
+                        accelerator.backward(part / max(global_tokens, 1) * accelerator.num_processes)
+                    loss_sum += part.detach().float()
+                loss = float(accelerator.reduce(loss_sum, "sum")) / max(global_tokens, 1)
+                grad_norm = _clip(accelerator, [p for _, p in named], args.max_grad_norm)
+                number = step + 1
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if not finite:  # skip the update: parameters stay finite, so checkpoints stay clean
+                    bad_steps.append(number)
+                    say(f"step {number}: non-finite loss/gradient (loss {loss}, grad norm {grad_norm}); update skipped")
+                    recent = bad_steps[-args.nan_patience :]
+                    if len(recent) == args.nan_patience and recent[0] == number - args.nan_patience + 1:
+                        raise DivergedError(
+                            f"loss or gradients were non-finite at steps {recent}; stopped without saving that "
+                            "state. Lower --lr, use --dtype fp32/bf16, or check the data"
+                        )
+                elif pending_grad_check:
+                    pending_grad_check -= {n for n, p in named if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+                    if pending_grad_check and number >= min(args.grad_check_steps, total) and number >= 2:
+                        missing = sorted(pending_grad_check)
+                        raise GradientCheckError(
+                            f"{len(missing)} trainable tensors got no non-zero gradient in the first {number} steps "
+                            f"(e.g. {missing[:3]}); with --gradient-checkpointing make inputs require grad, and build the "
+                            "optimizer after adding the adapter"
+                        )
+                lr = args.lr * lr_factor(step, total, warmup, args.lr_scheduler)
+                set_lr(optimizer, lr)
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                elapsed = time.time() - t0
+                tokens = sum(int(mb["attention_mask"].sum()) for mb in micro) * accelerator.num_processes
+                cursor = steps.cursor(step)
+                record = {"event": "train", "step": number, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9), "epoch": cursor.epoch,
+                          "seconds": elapsed}  # fmt: skip
+                result.losses.append(loss)
+                if is_main:
+                    metrics.write(record)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.update(1)
+                result.steps = number
+                maybe_fault("after_step", number)
+                if args.eval_steps and number % args.eval_steps == 0 and number < total and data.val and is_main:
+                    metrics.write({"event": "eval", "step": number, **_evaluate(tuned, data, args, pad_id, device)})
+                if number % args.save_steps == 0 or number == total or stop["signal"]:
+                    accelerator.wait_for_everyone()
+                    if is_main:
+                        _save(checkpoints, number, tuned, optimizer, param_names, steps, total, args, shape, layout,
+                              config_hash, data_fp, accelerator)  # fmt: skip
+                    accelerator.wait_for_everyone()
+                if stop["signal"]:
+                    raise Interrupted(
+                        f"stopped by {stop['signal']} after step {number}; checkpoint saved, continue with "
+                        f"--resume --output-dir {out}"
+                    )
+        finally:
+            progress.close()
+            _restore_signal_handlers(previous)
+
+        # -- after ----------------------------------------------------------------------------------
+        if is_main:
+            result.eval_after = _evaluate(tuned, data, args, pad_id, device)
+            if result.eval_after:
+                metrics.write({"event": "eval", "step": total, **result.eval_after})
+                say(
+                    f"held-out loss after:  {result.eval_after['loss']:.4f} (perplexity {result.eval_after['perplexity']:.2f})"
+                )
+            after = _answers(tuned, tokenizer, data, args, device)
+            for prompt, reference, a, b in zip(data.prompts, data.references, before, after):
+                result.samples.append(
+                    {"prompt": prompt[-1]["content"], "reference": reference, "before": a, "after": b}
+                )
+            _save_adapter(tuned, out / "adapter")
+            if args.plot:
+                result.plot = plot_losses(metrics.read(), out / "loss.png")
+            result.losses = [loss for _, loss in metrics.train_losses()]
+        accelerator.wait_for_everyone()
+        result.seconds = time.time() - started
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# -- pieces of the loop --------------------------------------------------------------------------
+def _jsonable(args: TrainArgs) -> dict[str, Any]:
+    return {
+        k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
+        for k, v in args.to_dict().items()
+    }
+
+
+def _evaluate(model, data: _Data, args: TrainArgs, pad_id: int, device) -> dict[str, float] | None:
+    if not data.val:
+        return None
+    return evaluate_loss(model, data.val, batch_size=args.batch_size, pad_id=pad_id, device=device)
+
+
+def _answers(model, tokenizer, data: _Data, args: TrainArgs, device) -> list[str]:
+    if not data.prompts or args.num_samples == 0:
+        return []
+    return generate_answers(model, tokenizer, data.prompts, max_new_tokens=args.max_new_tokens, device=device)
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _no_sync(accelerator, model, sync: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+    if sync or accelerator.num_processes == 1:
+        return _NullContext()
+    return accelerator.no_sync(model)
+
+
+def _clip(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Global gradient norm before clipping (clipped to max_norm when > 0)."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(grads, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads])))
+
+
+def _progress(args: TrainArgs, total: int, start: int, is_main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=start, desc="sft", unit="step", disable=not (args.progress and is_main), dynamic_ncols=True
+    )
+
+
+def _install_signal_handlers(stop: dict) -> dict:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints after the current step and stops."""
+    previous = {}
+
+    def handler(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old)
+
+
+def _save(root: Path, step: int, tuned: TunedModel, optimizer, param_names: list[str], steps: StepData, total: int,
+          args: TrainArgs, shape: dict, layout: dict, config_hash: str, data_fp: str, accelerator) -> Path:  # fmt: skip
+    """One checkpoint; refuses to save a non-finite adapter."""
+    adapter_name = tuned.active_adapters[0]
+    state = tuned.adapter_state_dict(adapter_name)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DivergedError(f"adapter tensors became non-finite at step {step} (e.g. {bad[0]}); not checkpointing them")
+    cursor = steps.cursor(step)
+    scaler = getattr(accelerator, "scaler", None)
+
+    def write(folder: Path) -> None:
+        tuned.save_pretrained(folder / "adapter", selected_adapters=[adapter_name])
+        tensors, meta = ckpt.optimizer_to_files(getattr(optimizer, "optimizer", optimizer), param_names)
+        ckpt.save_tensors(tensors, folder / "optimizer.safetensors")
+        ckpt.write_json(folder / "optimizer.json", meta)
+        ckpt.write_json(folder / "trainer_state.json", {
+            "step": step, "total_steps": total, "adapter_name": adapter_name,
+            "cursor": {"epoch": cursor.epoch, "position": cursor.position, "permutation_seed": cursor.permutation_seed},
+            "scheduler": {"kind": args.lr_scheduler, "warmup_ratio": args.warmup_ratio, "peak_lr": args.lr},
+            "rng": ckpt.rng_state(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        })  # fmt: skip
+        ckpt.write_json(folder / "train_args.json", {"args": _jsonable(args), "structural": shape, "layout": layout})
+        maybe_fault("in_save", step)
+
+    meta = {"config_hash": config_hash, "data_fingerprint": data_fp}
+    return ckpt.save_checkpoint(root, step, write, meta, keep=args.save_total_limit)
+
+
+def _restore(folder: Path, tuned: TunedModel, optimizer, param_names: list[str], accelerator) -> None:
+    from deltatune.io.peft_format import read_tensors
+
+    state = ckpt.read_json(folder / "trainer_state.json")
+    tuned.load_adapter_state_dict(state["adapter_name"], read_tensors(folder / "adapter"), source=str(folder))
+    tensors = ckpt.load_tensors(folder / "optimizer.safetensors")
+    ckpt.optimizer_from_files(optimizer, tensors, ckpt.read_json(folder / "optimizer.json"), param_names)
+    ckpt.set_rng_state(state["rng"])
+    if state.get("scaler") and getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+
+
+def _save_adapter(tuned: TunedModel, final: Path) -> None:
+    """The final PEFT-format adapter, written beside and renamed into place."""
+    import os
+    import shutil
+
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tuned.save_pretrained(tmp, selected_adapters=[tuned.active_adapters[0]])
+    for path in tmp.iterdir():
+        ckpt.fsync_file(path)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    ckpt.fsync_dir(final.parent)

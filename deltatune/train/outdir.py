@@ -1,0 +1,89 @@
+"""The output directory policy: never resume or overwrite silently, one writer at a time.
+
+A run folder holds `run.json` (written first), `logs.jsonl`, `checkpoints/`, `adapter/`,
+`loss.png`. A non-empty folder needs --resume or --overwrite; --overwrite only deletes folders
+that look like a deltatune run. `.lock` is held with an OS file lock (released by the kernel
+when the process dies, so a SIGKILLed run never leaves a stale lock).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from deltatune.train.errors import OutputDirError
+
+LOCK_NAME = ".lock"
+RUN_MARKERS = ("run.json", "logs.jsonl", "checkpoints", "adapter")
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on OUT/.lock for the lifetime of a run."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): best effort, no lock
+            pass
+        except OSError:
+            os.close(fd)
+            holder = self.path.read_text(errors="replace").strip() or "another process"
+            raise OutputDirError(
+                f"{self.path.parent} is in use by another run ({holder}); wait for it or pick another --output-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def is_empty(folder: Path) -> bool:
+    return not folder.exists() or not any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+def prepare_output_dir(folder: Path, *, resume: bool, overwrite: bool) -> None:
+    """Apply the policy (call with the lock held).
+
+    Raises:
+        OutputDirError: a file in the way, a non-empty folder without a choice, or --overwrite of a
+            folder that is not a deltatune run.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"--output-dir {folder} is a file; give a folder")
+    if is_empty(folder) or resume:
+        return
+    if not overwrite:
+        raise OutputDirError(
+            f"{folder} is not empty; add --resume to continue that run, --overwrite to start over, "
+            "or pick another --output-dir"
+        )
+    names = {p.name for p in folder.iterdir()} - {LOCK_NAME}
+    if not names & set(RUN_MARKERS):
+        raise OutputDirError(f"{folder} does not look like a deltatune run (no run.json); refusing to delete it")
+    for child in folder.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

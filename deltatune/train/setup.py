@@ -1,0 +1,65 @@
+"""From names to objects: the tuner config of a run, and the structural fingerprint of a run.
+
+Validation happens here, before any weights load: unknown tuner-args keys list the valid fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from deltatune.core.config import ConfigError, TunerConfig, field_docs
+from deltatune.core.registry import get_spec
+from deltatune.models import ModelSpec
+
+# Config fields that describe where an adapter came from, not what it computes.
+_NON_STRUCTURAL = {"inference_mode", "base_model_name_or_path", "revision"}
+
+
+def tuner_fields(tuner: str) -> dict[str, str]:
+    """{field name: help text} of a tuner's config."""
+    config_cls = get_spec(tuner).config
+    docs = field_docs(config_cls)
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(config_cls)}
+
+
+def build_tuner_config(tuner: str, tuner_args: dict[str, Any], model_spec: ModelSpec | None) -> TunerConfig:
+    """The tuner config of a run: tuner_args over the model's default targets and task type.
+
+    Raises:
+        ConfigError: unknown tuner, unknown field (listing the valid ones), invalid value.
+    """
+    spec = get_spec(tuner)
+    valid = tuner_fields(tuner)
+    unknown = sorted(set(tuner_args) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"--tuner-args: unknown {spec.name} field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
+        )
+    kwargs = dict(tuner_args)
+    if "target_modules" in valid and kwargs.get("target_modules") is None:
+        kwargs["target_modules"] = list(model_spec.default_targets) if model_spec else "all-linear"
+    if "task_type" in valid and kwargs.get("task_type") is None:
+        kwargs["task_type"] = model_spec.task_type if model_spec else "CAUSAL_LM"
+    try:
+        return spec.config(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"--tuner-args: {err}") from None
+
+
+def structural(config: TunerConfig, **extra: Any) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint (compared key by key)."""
+    tuner = {k: v for k, v in config.to_dict().items() if k not in _NON_STRUCTURAL}
+    return {**extra, "tuner_config": tuner}
+
+
+def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Lines "key: old -> new" for every differing (nested) key."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
