@@ -8,25 +8,39 @@ from deltatune.core.tuned_model import AdapterLoadError, TunedModel, get_tuned_m
 from deltatune.core.wrapper import MergeError, QuantizedMergeError
 from deltatune.io import AdapterFileError
 from deltatune.quantization import prepare_for_kbit_training, prepare_model_for_kbit_training
+from deltatune.tuners.adapter import AdapterConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.full import FullConfig
 from deltatune.tuners.ia3 import IA3Config
+from deltatune.tuners.llama_pro import LlamaProConfig
 from deltatune.tuners.ln_tuning import LNTuningConfig
 from deltatune.tuners.lora import LoraConfig
+from deltatune.tuners.p_tuning import PTuningConfig
 from deltatune.tuners.part import PartConfig
+from deltatune.tuners.prefix_tuning import PrefixTuningConfig
+from deltatune.tuners.prompt_tuning import PromptTuningConfig
+from deltatune.tuners.restuning import ResTuningConfig
+from deltatune.tuners.side_tuning import SideTuningConfig
 
 __all__ = [
     "AdapterFileError",
+    "AdapterConfig",
     "AdapterLoadError",
     "BitFitConfig",
     "ConfigError",
     "FullConfig",
     "IA3Config",
     "LNTuningConfig",
+    "LlamaProConfig",
     "LoraConfig",
     "MergeError",
     "PartConfig",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "QuantizedMergeError",
+    "ResTuningConfig",
+    "SideTuningConfig",
     "TunedModel",
     "TunerConfig",
     "TunerSpec",

@@ -56,3 +56,13 @@ def test_falls_back_when_the_head_trains():
     loss_sum.backward()
     head = tuned.model.lm_head.modules_to_save["default"]
     assert head.weight.grad is not None and head.weight.grad.abs().max() > 0
+
+
+def test_prompt_tuning_goes_through_forward_and_aligns_labels():
+    tiny = TINY_MODELS["llama"]
+    tuned = dt.get_tuned_model(tiny.fresh(), dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    assert tuned.rewrites_inputs
+    inputs = tiny.make_inputs(0)
+    loss_sum, count = causal_lm_loss(tuned, inputs["input_ids"], inputs["input_ids"], inputs["attention_mask"])
+    plain = tuned(**inputs, labels=inputs["input_ids"]).loss
+    torch.testing.assert_close(loss_sum / count, plain, atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ from deltatune import backends
 from deltatune.core import matching
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import ParamSite, TunerSpec
-from deltatune.core.wrapper import DeltaWrapper, ModulesToSave, ParamOverride
+from deltatune.core.wrapper import DeltaWrapper, ModulesToSave, ParamOverride, Passthrough
 
 _WRAPPERS = (DeltaWrapper, ModulesToSave)
 
@@ -67,6 +67,8 @@ def resolve_targets(model: nn.Module, spec: TunerSpec, config: TunerConfig) -> t
     matching.check_match(match, names, config)
     for name in match.targets:
         info = backends.describe(view[name])
+        if "any" in spec.dispatch:  # the tuner takes any module and checks it itself (in prepare)
+            continue
         if info is None or info.kind not in spec.dispatch:
             kind = info.kind if info else type(view[name]).__name__
             raise ConfigError(
@@ -87,9 +89,11 @@ def inject_deltas(
         module = model.get_submodule(name)
         wrapper = module if isinstance(module, DeltaWrapper) else None
         base = wrapper.base_layer if wrapper else module
-        info = backends.describe(base)
+        info = backends.describe(base) or backends.LayerInfo("other", 0, 0)
         delta = spec.build(config, info, name)
         weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = next(base.parameters(), None)
         device = weight.device if isinstance(weight, torch.Tensor) else None
         if device is not None and device.type != "meta":
             delta.to(device)
@@ -103,6 +107,55 @@ def inject_deltas(
         if run_init and callable(init):
             init(lambda b=base: backends.read_weight(b), lambda w, b=base, n=name: _write_base(b, w, n))
     backends.prepare_for_training(model)
+
+
+def resolve_slots(model: nn.Module, spec: TunerSpec, config: TunerConfig) -> tuple[str, list[int]]:
+    """A "structural" tuner's layer list and the entries (indices among its original layers, i.e.
+    not counting slots already inserted) after which it adds a layer."""
+    assert spec.slots is not None, f"structural tuner {spec.name} has no slots()"
+    list_path, after = spec.slots(model, config)
+    layers = model.get_submodule(list_path)
+    assert isinstance(layers, nn.ModuleList), f"{spec.name}.slots must name an nn.ModuleList, got {list_path!r}"
+    originals = [i for i, m in enumerate(layers) if not _is_slot(m)]
+    assert all(0 <= i < len(originals) for i in after), f"{spec.name}.slots gave indices outside the list: {after}"
+    return list_path, sorted(set(after))
+
+
+def _is_slot(module: nn.Module) -> bool:
+    return isinstance(module, DeltaWrapper) and isinstance(module.base_layer, Passthrough)
+
+
+def inject_slots(
+    model: nn.Module, spec: TunerSpec, config: TunerConfig, adapter_name: str, list_path: str, after: list[int]
+) -> list[str]:
+    """Insert an empty slot after each chosen original layer (reusing one a previous adapter left there)
+    and fill it with this adapter's delta, built from the layer it follows; returns the slot paths."""
+    assert spec.build is not None, f"structural tuner {spec.name} has no build()"
+    layers = model.get_submodule(list_path)
+    originals = [i for i, m in enumerate(layers) if not _is_slot(m)]
+    for index in sorted(after, reverse=True):  # back to front, so earlier positions stay valid
+        position = originals[index] + 1
+        template = layers[originals[index]]
+        template = template.base_layer if isinstance(template, DeltaWrapper) else template
+        if position < len(layers) and _is_slot(layers[position]):
+            slot = layers[position]
+        else:
+            slot = DeltaWrapper(Passthrough(template), backends.LayerInfo("other", 0, 0))
+            slot.train(template.training)
+            layers.insert(position, slot)
+        delta = spec.build(config, template, f"{list_path}.{position}")
+        delta.train(template.training)
+        slot.deltas[adapter_name] = delta
+    return [f"{list_path}.{i}" for i, m in enumerate(layers) if _is_slot(m) and adapter_name in m.deltas]
+
+
+def _drop(model: nn.Module, path: str, wrapper: DeltaWrapper) -> None:
+    """Put the wrapped layer back, or take an emptied slot out of its list."""
+    if isinstance(wrapper.base_layer, Passthrough):
+        parent_path, _, index = path.rpartition(".")
+        del model.get_submodule(parent_path)[int(index)]
+    else:
+        _set_module(model, path, wrapper.base_layer)
 
 
 def _write_base(base: nn.Module, weight: torch.Tensor, name: str) -> None:
@@ -259,14 +312,14 @@ def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
 
 def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Drop one adapter's deltas and module copies; unwrap layers left with nothing."""
-    for name, wrapper in list(delta_wrappers(model)):
+    for name, wrapper in reversed(list(delta_wrappers(model))):  # back to front: removing a slot shifts later ones
         if adapter_name in wrapper.deltas:
             if adapter_name in wrapper.merged:
                 raise RuntimeError(f"adapter {adapter_name!r} is merged into {name}; unmerge it first")
             del wrapper.deltas[adapter_name]
             wrapper.active = [a for a in wrapper.active if a != adapter_name]
         if len(wrapper.deltas) == 0:
-            _set_module(model, name, wrapper.base_layer)
+            _drop(model, name, wrapper)
     for name, saver in list(save_wrappers(model)):
         if adapter_name in saver.modules_to_save:
             del saver.modules_to_save[adapter_name]
@@ -279,8 +332,8 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
 def unwrap_all(model: nn.Module, *, keep_module_copies_of: str | None = None) -> nn.Module:
     """Restore the plain module tree. With `keep_module_copies_of`, trained module copies of that
     adapter replace the originals (as merge_and_unload does)."""
-    for name, wrapper in list(delta_wrappers(model)):
-        _set_module(model, name, wrapper.base_layer)
+    for name, wrapper in reversed(list(delta_wrappers(model))):
+        _drop(model, name, wrapper)
     for name, saver in list(save_wrappers(model)):
         chosen = saver.original_module
         if keep_module_copies_of is not None and keep_module_copies_of in saver.modules_to_save:

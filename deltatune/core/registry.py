@@ -14,7 +14,7 @@ from torch import nn
 
 from deltatune.core.config import ConfigError, TunerConfig
 
-Kind = Literal["delta", "input", "side", "select"]
+Kind = Literal["delta", "input", "side", "select", "structural"]
 
 # One line per built-in tuner module; each defines SPEC (or SPECS).
 _BUILTIN_MODULES: tuple[str, ...] = (
@@ -24,6 +24,13 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.ln_tuning",
     "deltatune.tuners.part",
     "deltatune.tuners.full",
+    "deltatune.tuners.adapter",
+    "deltatune.tuners.restuning",
+    "deltatune.tuners.side_tuning",
+    "deltatune.tuners.llama_pro",
+    "deltatune.tuners.prompt_tuning",
+    "deltatune.tuners.p_tuning",
+    "deltatune.tuners.prefix_tuning",
 )
 
 
@@ -47,7 +54,9 @@ class TunerSpec:
     they accept (`dispatch`); "select" tuners give `select(config, sites) -> parameter names`, and
     shared code trains per-adapter copies of those parameters in their place; other kinds give an
     `attach(model, config, adapter_name) -> Attachment` that owns its own injection (see
-    deltatune.core.inject).
+    deltatune.core.inject). "side" tuners are delta tuners whose deltas also read activations tapped
+    elsewhere in the model (hooks registered by `connect`). "structural" tuners add layers: `slots`
+    says where, and `build(config, template_module, slot_name)` gives each new slot's delta.
     """
 
     name: str
@@ -65,9 +74,29 @@ class TunerSpec:
     """"select" kind: names of the parameters to train (raise ConfigError, listing real names, if none)."""
     store_as: str = ""
     """"select" kind: file keys are "<module>.<store_as>.<param>" when set, else "<module>.<param>"."""
+    connect: Callable[[nn.Module, TunerConfig, str, list[str]], Callable[[], None]] | None = None
+    """Optional: after the adapter's deltas are in place, wire up what else it needs (hooks tapping other
+    modules, model bookkeeping such as a layer count); returns the undo, run once the adapter's modules
+    have been removed (delete_adapter, unload, merge_and_unload)."""
+    slots: Callable[[nn.Module, TunerConfig], tuple[str, list[int]]] | None = None
+    """"structural" kind: (path of an nn.ModuleList, indices of its entries after which a new layer is
+    inserted); raise ConfigError saying why when the model has no such list."""
+    mergeable: bool = True
+    """False when the adapter has no weight-space form (nonlinear or added layers): merge_adapter refuses it."""
+    identity_at_init: bool = True
+    """False when a fresh adapter changes the output by design (the tuner's docstring says why)."""
+    build_input: Callable[[nn.Module, TunerConfig, bool], nn.Module] | None = None
+    """"input" kind: `(model, config, for_loading) -> module` holding the adapter's tensors (kept on the
+    TunedModel, not in the model). The module gives `file_tensors() -> {file key: tensor}` (what the file
+    holds) and `load_file_tensors(tensors)`; with for_loading it is built in the form the file restores."""
+    prepare_inputs: Callable[[nn.Module, dict[str, Any], nn.Module, str], dict[str, Any]] | None = None
+    """"input" kind: `(model, kwargs, module, stage) -> kwargs` rewrites a call's keyword arguments. stage is
+    "forward" (a TunedModel forward), "generate" (generate()'s own arguments, once) or "step" (each model
+    forward inside generate, seen through a forward pre-hook)."""
     example_configs: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     """Configs the contract test matrix runs (target_modules is filled in per model for delta tuners;
-    "select" tuners run as given, on every model where they select something)."""
+    "select" and "structural" tuners, and examples naming their own target_modules, run as given, on
+    every model where they apply)."""
     paper: str = ""
 
 

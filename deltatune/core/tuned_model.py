@@ -8,6 +8,7 @@ exactly when it belongs to an active adapter that is not in inference mode.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ from torch import nn
 
 from deltatune.core import inject
 from deltatune.core.config import ConfigError, TunerConfig, check_adapter_name
+from deltatune.core.hooks import HookSet
 from deltatune.core.registry import TunerSpec, spec_for_config
-from deltatune.core.wrapper import DeltaWrapper, ModulesToSave, QuantizedMergeError
+from deltatune.core.wrapper import DeltaWrapper, MergeError, ModulesToSave, QuantizedMergeError
 
 _AUTO_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
 
@@ -39,6 +41,8 @@ class Adapter:
     targets: list[str] = field(default_factory=list)
     saved_modules: list[str] = field(default_factory=list)
     extra_params: list[str] = field(default_factory=list)
+    undo: Any = None
+    """What the spec's `connect` returned: called once this adapter's modules are removed."""
 
 
 def _is_wrapped(model: nn.Module) -> bool:
@@ -59,6 +63,8 @@ class TunedModel(nn.Module):
                 "tuned.add_adapter(name, config) instead of wrapping again, or unload() first"
             )
         self.model = model
+        self.input_modules = nn.ModuleDict().train(model.training)
+        """Tensors of "input" kind adapters (virtual tokens), by adapter name; they live outside the model."""
         self.training = model.training
         self.adapters: dict[str, Adapter] = {}
         self._active: list[str] = []
@@ -80,10 +86,44 @@ class TunedModel(nn.Module):
 
     # -- forward / generate ---------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        found = self._active_input()
+        if found is None:
+            return self.model(*args, **kwargs)
+        spec, module = found
+        kwargs = spec.prepare_inputs(self.model, _keywords(self.model.forward, args, kwargs), module, "forward")
+        return self.model(**kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+        found = self._active_input()
+        if found is None:
+            return self.model.generate(*args, **kwargs)
+        spec, module = found
+        if len(args) == 1:  # generate(inputs, ...)
+            args, kwargs = (), {"input_ids": args[0], **kwargs}
+        kwargs = spec.prepare_inputs(self.model, _keywords(self.model.generate, args, kwargs), module, "generate")
+        hooks = HookSet()  # each forward inside generate is rewritten too (prefill and decoding steps)
+        hooks.pre_forward(
+            self.model, lambda _, a, kw: (a, spec.prepare_inputs(self.model, kw, module, "step")), with_kwargs=True
+        )
+        try:
+            return self.model.generate(**kwargs)
+        finally:
+            hooks.remove()
+
+    def _active_input(self) -> tuple[TunerSpec, nn.Module] | None:
+        """The active "input" kind adapter (its spec and module), or None (also while disabled)."""
+        if self._disabled:
+            return None
+        found = [a for a in self._active if a in self.input_modules]
+        if len(found) > 1:
+            raise ConfigError(f"adapters {found} all rewrite the model inputs; activate at most one of them at a time")
+        return (self.adapters[found[0]].spec, self.input_modules[found[0]]) if found else None
+
+    @property
+    def rewrites_inputs(self) -> bool:
+        """True while an active adapter rewrites the model's inputs (code that calls the inner model
+        directly, like the fused loss, must then go through forward)."""
+        return self._active_input() is not None
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with adapter layers in place)."""
@@ -114,21 +154,49 @@ class TunedModel(nn.Module):
         if auto:
             wanted = list(dict.fromkeys((config.modules_to_save or []) + auto))
             config = config.replace(modules_to_save=wanted)
-        if spec.kind not in ("delta", "select"):
+        if spec.kind == "input":
+            self._add_input_adapter(adapter_name, config, spec, _loading)
+            return
+        if spec.kind not in ("delta", "side", "select", "structural"):
             raise ConfigError(f"tuner kind {spec.kind!r} of {spec.name!r} is not supported by this TunedModel yet")
-        resolve = inject.resolve_targets if spec.kind == "delta" else inject.resolve_selection
-        config, targets = resolve(self.model, spec, config)
+        if spec.kind == "structural":
+            slots = inject.resolve_slots(self.model, spec, config)
+        else:
+            resolve = inject.resolve_selection if spec.kind == "select" else inject.resolve_targets
+            config, targets = resolve(self.model, spec, config)
+        undo = None
         try:
-            if spec.kind == "delta":
-                inject.inject_deltas(self.model, spec, config, adapter_name, targets, run_init=not _loading)
-            else:
+            if spec.kind == "structural":
+                targets = inject.inject_slots(self.model, spec, config, adapter_name, *slots)
+            elif spec.kind == "select":
                 inject.inject_selected(self.model, spec, adapter_name, targets)
+            else:
+                inject.inject_deltas(self.model, spec, config, adapter_name, targets, run_init=not _loading)
             saved = inject.add_modules_to_save(self.model, config.modules_to_save, adapter_name) if config.modules_to_save else []
+            undo = spec.connect(self.model, config, adapter_name, targets) if spec.connect else None
+        except BaseException:
+            inject.remove_adapter(self.model, adapter_name)
+            if undo is not None:
+                undo()
+            raise
+        extra = spec.extra_trainable(self.model, config, targets) if spec.extra_trainable else []
+        self.adapters[adapter_name] = Adapter(config, spec, targets, saved, extra, undo)
+        self._refresh()
+
+    def _add_input_adapter(self, adapter_name: str, config: TunerConfig, spec: TunerSpec, loading: bool) -> None:
+        """An "input" adapter: its module sits on this TunedModel; the model changes only by modules_to_save."""
+        if spec.prepare is not None:
+            config = spec.prepare(self.model, config, [])
+        module = spec.build_input(self.model, config, loading)
+        module.train(self.model.training)
+        try:
+            names = config.modules_to_save
+            saved = inject.add_modules_to_save(self.model, names, adapter_name) if names else []
         except BaseException:
             inject.remove_adapter(self.model, adapter_name)
             raise
-        extra = spec.extra_trainable(self.model, config, targets) if spec.extra_trainable else []
-        self.adapters[adapter_name] = Adapter(config, spec, targets, saved, extra)
+        self.input_modules[adapter_name] = module
+        self.adapters[adapter_name] = Adapter(config, spec, [], saved)
         self._refresh()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -144,7 +212,11 @@ class TunedModel(nn.Module):
         if adapter_name not in self.adapters:
             raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapters)}")
         inject.remove_adapter(self.model, adapter_name)
-        del self.adapters[adapter_name]
+        if adapter_name in self.input_modules:
+            del self.input_modules[adapter_name]
+        undo = self.adapters.pop(adapter_name).undo
+        if undo is not None:
+            undo()
         self._active = [a for a in self._active if a != adapter_name]
         if not self._active and self.adapters:
             self._active = [next(iter(self.adapters))]
@@ -162,6 +234,8 @@ class TunedModel(nn.Module):
         owned = self._param_owners()
         for name, param in self.model.named_parameters():
             param.requires_grad_(bool(owned.get(name, set()) & trainable))
+        for name, module in self.input_modules.items():
+            module.requires_grad_(name in trainable)
 
     def _param_owners(self) -> dict[str, set[str]]:
         owners: dict[str, set[str]] = {}
@@ -197,6 +271,14 @@ class TunedModel(nn.Module):
         With safe_merge (default) a merge that would give NaN/inf raises MergeError and leaves
         every layer as it was."""
         names = adapter_names or self._active
+        unmergeable = [n for n in names if n in self.adapters and not self.adapters[n].spec.mergeable]
+        if unmergeable:
+            spec = self.adapters[unmergeable[0]].spec
+            raise MergeError(
+                f"adapter(s) {unmergeable} ({spec.name}) cannot be merged into the base weights: the method has no "
+                "weight-space form (it rewrites the model's inputs, is a nonlinear side path, or adds layers). Keep "
+                "it unmerged, or unload() it; nothing was changed"
+            )
         _refuse_quantized_merge(self.model, names)
         wrappers = [wrapper for _, wrapper in inject.delta_wrappers(self.model)]
         if safe_merge:  # check every layer before writing any, so a refusal changes nothing
@@ -260,7 +342,11 @@ class TunedModel(nn.Module):
         model = inject.unwrap_all(self.model, keep_module_copies_of=keep_module_copies_of)
         for param in model.parameters():
             param.requires_grad_(False)
+        for adapter in reversed(list(self.adapters.values())):
+            if adapter.undo is not None:
+                adapter.undo()
         self.adapters.clear()
+        self.input_modules.clear()
         self._active = []
         return model
 
@@ -299,6 +385,8 @@ class TunedModel(nn.Module):
                 out[file_key] = value
             elif key in extra:
                 out[key] = value
+        if name in self.input_modules:  # keys of tensors outside the model, as peft names them
+            out.update(self.input_modules[name].file_tensors())
         return out
 
     def _base_state(self) -> dict[str, torch.Tensor]:
@@ -335,9 +423,13 @@ class TunedModel(nn.Module):
                     f"adapter{where}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the file but "
                     f"{tuple(target.shape)} in the model; the adapter was made for a different base model or r"
                 )
+        held = self.input_modules[adapter_name].file_tensors() if adapter_name in self.input_modules else {}
         with torch.no_grad():
             for key, target in expected.items():
-                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+                if key not in held:
+                    target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+        if held:
+            self.input_modules[adapter_name].load_file_tensors({key: tensors[key] for key in held})
 
     # -- persistence -----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any) -> None:
@@ -355,7 +447,8 @@ class TunedModel(nn.Module):
             base_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
             config = config.replace(inference_mode=True, base_model_name_or_path=config.base_model_name_or_path or base_path)
             folder = out if name == "default" else out / name
-            write_adapter(folder, config, self.adapter_state_dict(name))
+            bare = set(self.input_modules[name].file_tensors()) if name in self.input_modules else set()
+            write_adapter(folder, config, self.adapter_state_dict(name), bare_keys=bare)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
         """Load a saved adapter (ours or peft's) under a new name; it is not activated.
@@ -393,6 +486,17 @@ class TunedModel(nn.Module):
         if not is_trainable:
             tuned.eval()
         return tuned
+
+
+def _keywords(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional arguments of a call to `fn`, by name, merged with its keyword arguments."""
+    if not args:
+        return dict(kwargs)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+    if len(args) > len(names):
+        raise TypeError(f"too many positional arguments ({len(args)}) for {getattr(fn, '__qualname__', fn)}")
+    return {**dict(zip(names, args)), **kwargs}
 
 
 _DELTA_KEY = re.compile(r"^(?P<path>.*)\.(?:deltas|modules_to_save)\.(?P<adapter>[^.]+)\.(?P<rest>.+)$")

@@ -68,9 +68,14 @@ class BaseCall:
     def bias(self) -> torch.Tensor | None:
         return getattr(self._wrapper.base_layer, "bias", None)
 
+    @property
+    def call_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The wrapped layer's other arguments (after x), for deltas that run a whole block."""
+        return self._args, self._kwargs
+
     def then(self, delta: nn.Module) -> BaseCall:
         """This call with one more delta on top."""
-        return BaseCall(self._wrapper, lambda x, below=self: delta(x, below), (), {})
+        return BaseCall(self._wrapper, lambda x, below=self: delta(x, below), self._args, self._kwargs)
 
 
 def replaces_parameters(delta: nn.Module) -> bool:
@@ -100,6 +105,31 @@ class ParamOverride(nn.Module):
     def overrides(self) -> dict[str, torch.Tensor]:
         holder = self.get_submodule(self._holder) if self._holder else self
         return {name: getattr(holder, name) for name in self._names}
+
+
+class Passthrough(nn.Module):
+    """An empty slot inserted into a layer list: returns its first input unchanged.
+
+    A "structural" tuner's deltas fill it (DeltaWrapper(Passthrough(...))); disabled or inactive, the
+    slot computes nothing. Attribute reads fall through to `template` (the layer the slot follows,
+    held unregistered), so model code reading e.g. `layer.attention_type` still works.
+    """
+
+    def __init__(self, template: nn.Module):
+        super().__init__()
+        self.__dict__["template"] = template
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            template = self.__dict__.get("template")
+            if template is None:
+                raise
+            return getattr(template, name)
+
+    def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        return hidden_states
 
 
 class DeltaWrapper(nn.Module):

@@ -1,7 +1,9 @@
 """Read and write adapters in peft's on-disk format.
 
     <dir>/adapter_config.json          peft's config (only fields peft knows)
-    <dir>/adapter_model.safetensors    keys "base_model.model.<module path>.<param>", no adapter name
+    <dir>/adapter_model.safetensors    keys "base_model.model.<module path>.<param>", no adapter name;
+                                       tensors held outside the model (peft's prompt learning
+                                       "prompt_embeddings") are stored under their bare, dot-free key
     <dir>/deltatune_config.json        our extra fields (peft ignores unknown files)
 
 Only safetensors is ever read: a directory holding only adapter_model.bin is refused with a hint.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +59,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     _atomic_write(path, write)
 
 
-def write_adapter(directory: str | os.PathLike, config: TunerConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write one adapter. `tensors` are keyed by module path relative to the base model."""
+def write_adapter(
+    directory: str | os.PathLike, config: TunerConfig, tensors: dict[str, torch.Tensor], bare_keys: Collection[str] = ()
+) -> Path:
+    """Write one adapter. `tensors` are keyed by module path relative to the base model, except `bare_keys`
+    (dot-free names of tensors held outside the model), which are written as they are."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {KEY_PREFIX + key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+    assert not any("." in key for key in bare_keys), f"bare keys must not contain '.': {sorted(bare_keys)}"
+    payload = {
+        (key if key in bare_keys else KEY_PREFIX + key): value.detach().to("cpu").contiguous()
+        for key, value in tensors.items()
+    }
     peft_dict, sidecar = config.to_peft_dict()
     from deltatune import __version__
 
@@ -124,13 +134,14 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
     tensors: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
-        if not key.startswith(KEY_PREFIX):
+        bare = "." not in key  # a tensor held outside the model, e.g. peft's "prompt_embeddings"
+        if not key.startswith(KEY_PREFIX) and not bare:
             raise AdapterFileError(f"{weights}: key {key!r} lacks the {KEY_PREFIX!r} prefix of the peft format")
         if value.numel() == 0:
             raise AdapterFileError(f"{weights}: tensor {key!r} is empty (shape {tuple(value.shape)})")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise AdapterFileError(f"{weights}: tensor {key!r} holds NaN or infinite values")
-        tensors[key[len(KEY_PREFIX) :]] = value
+        tensors[key if bare else key[len(KEY_PREFIX) :]] = value
     return tensors
 
 

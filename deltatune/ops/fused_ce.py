@@ -95,13 +95,17 @@ def causal_lm_loss(
     head = _plain_head(inner)
     backbone = getattr(inner, "base_model", None)
     shifted = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    count = (shifted != IGNORE_INDEX).sum()
     if head is None or backbone is None or backbone is inner or getattr(model, "rewrites_inputs", False):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, T, V)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, P + T, V)
+        virtual = logits.shape[1] - input_ids.shape[1]
+        if virtual > 0:  # prompt-learning adapters prepend P positions; the last one predicts token 0 (as peft)
+            logits, shifted = logits[:, virtual - 1 : -1], labels.reshape(-1)
+        else:
+            logits = logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return loss, count
+        return loss, (shifted != IGNORE_INDEX).sum()
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, T, H)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
-    return fused_linear_cross_entropy(hidden, head.weight, head.bias, shifted), count
+    return fused_linear_cross_entropy(hidden, head.weight, head.bias, shifted), (shifted != IGNORE_INDEX).sum()

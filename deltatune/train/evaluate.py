@@ -12,19 +12,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from deltatune.data import IGNORE_INDEX, collate
+from deltatune.data import collate
+from deltatune.ops import causal_lm_loss
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over supervised positions, number of those positions)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    logits = logits[:, :-1]
-    mask = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum")  # over (N, V)
-    return loss, int(mask.sum())
+    """(sum of next-token cross-entropies over supervised positions, number of those positions).
+
+    Goes through `deltatune.ops.causal_lm_loss`: with a frozen output head the full-vocabulary
+    logits are never materialised (chunked loss); otherwise the plain path."""
+    loss, count = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    return loss, int(count)
 
 
 @torch.no_grad()

@@ -37,7 +37,9 @@ def build_tuner_config(tuner: str, tuner_args: dict[str, Any], model_spec: Model
             f"--tuner-args: unknown {spec.name} field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
         )
     kwargs = dict(tuner_args)
-    if "target_modules" in valid and kwargs.get("target_modules") is None:
+    # only layer-adapting tuners take the model's default layer targets; input/side/select tuners
+    # choose what they touch from their own fields
+    if spec.kind == "delta" and "target_modules" in valid and kwargs.get("target_modules") is None:
         kwargs["target_modules"] = list(model_spec.default_targets) if model_spec else "all-linear"
     if "task_type" in valid and kwargs.get("task_type") is None:
         kwargs["task_type"] = model_spec.task_type if model_spec else "CAUSAL_LM"
