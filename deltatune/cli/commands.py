@@ -55,7 +55,7 @@ def _load(ns, *, adapter: str | None, merge: bool = False) -> tuple[Any, Any]:
 
     if adapter:
         read_config(adapter)  # validate the adapter's config before any weights load
-    source, _ = resolve_model(ns.model)
+    source, _ = resolve_model(ns.model, trust_remote_code=ns.trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code=ns.trust_remote_code)
     model = load_model(source, dtype=ns.dtype, trust_remote_code=ns.trust_remote_code)
     if adapter:
@@ -63,7 +63,6 @@ def _load(ns, *, adapter: str | None, merge: bool = False) -> tuple[Any, Any]:
         if merge:
             model = model.merge_and_unload()
     model.eval()
-    torch.set_grad_enabled(False)
     return model, tokenizer
 
 
@@ -184,7 +183,7 @@ def run_inspect(ns) -> int:
     tuner_args = parse_tuner_args(ns.tuner_args) if ns.tuner_args else {}
     spec = get_model_spec(ns.model)
     config = build_tuner_config(ns.tuner, tuner_args, spec)
-    source, _ = resolve_model(ns.model)
+    source, _ = resolve_model(ns.model, trust_remote_code=ns.trust_remote_code)
     model_config = load_config(source, trust_remote_code=ns.trust_remote_code)
     with init_empty_weights():
         base = AutoModelForCausalLM.from_config(
@@ -223,12 +222,17 @@ def run_inspect(ns) -> int:
 
 # -- listings ---------------------------------------------------------------------------------------
 def run_models(ns) -> int:
-    from deltatune.assets import is_available
-    from deltatune.models import list_models
+    from deltatune.models import is_offline_available, list_models
 
-    for spec in list_models():
-        offline = "offline: yes" if spec.asset and is_available(spec.asset) else "offline: no"
-        print(f"{spec.name:28s} {spec.hf_id:42s} {spec.family:8s} targets={','.join(spec.default_targets)}  {offline}")
+    rows = [
+        (spec.name, spec.family, spec.hf_id or "-", spec.ms_id or "-",
+         "yes" if is_offline_available(spec) else "no", "yes" if spec.requires_remote_code else "no")
+        for spec in list_models()
+    ]  # fmt: skip
+    header = ("name", "family", "hugging face", "modelscope", "offline", "remote code")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
 

@@ -164,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = getattr(commands, f"run_{ns.command}")
         if ns.command == "sft":
             return handler(sft_args(ns)) or OK
-        return handler(ns) or OK
+        import torch
+
+        with torch.no_grad():  # inference-only commands; scoped, so in-process callers keep grad mode
+            return handler(ns) or OK
     except KeyboardInterrupt:
         print("deltatune: interrupted", file=sys.stderr)
         return 130

@@ -92,6 +92,7 @@ def test_eval_reports_loss_perplexity_and_rouge(trained, tmp_path, capsys):
         torch.tensor(metrics["loss"]).exp().item(), rel=1e-5
     )
     assert 0.0 <= metrics["rouge_l"] <= 1.0 and "ROUGE-L" in capsys.readouterr().out
+    assert torch.is_grad_enabled(), "an in-process command left autograd switched off"
 
 
 def test_export_merged_loads_in_plain_transformers_and_matches(trained, tmp_path):
@@ -285,3 +286,4 @@ def test_disk_full_during_export_leaves_no_half_written_folder(trained, tmp_path
     assert main(argv) == 12
     assert "No space left" in capsys.readouterr().err
     assert not target.exists() and not list(tmp_path.glob(".merged*"))
+
