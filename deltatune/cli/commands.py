@@ -47,8 +47,6 @@ def run_sft(args) -> int:
 # -- shared loading ---------------------------------------------------------------------------------
 def _load(ns, *, adapter: str | None, merge: bool = False) -> tuple[Any, Any]:
     """(model ready for inference, tokenizer); the adapter strictly loaded, optionally merged."""
-    import torch
-
     from deltatune.core.tuned_model import TunedModel
     from deltatune.io.peft_format import read_config
     from deltatune.models import load_model, load_tokenizer, resolve_model

@@ -1,55 +1,61 @@
-"""The model table and the one place a base model / tokenizer is loaded.
+"""Name -> weights, and the one place a base model / tokenizer / config is loaded.
 
-`M` on the command line is, in this order: a registry name (below), an existing local folder,
-or a Hugging Face hub id. Hub loading is ordinary `from_pretrained(repo_id)` and fails with a
-one-line ModelError when the hub is unreachable. `trust_remote_code` is only ever what the
-caller passes (the CLI flag); nothing read from a file turns it on.
+`M` on the command line is, in this order: a registry name (catalog.yaml, `deltatune models`), an
+existing local folder, or a Hugging Face hub id. A registry name resolves to, in order: a
+downloaded copy in `$DELTATUNE_CACHE/models/NAME` (default ~/.cache/deltatune), the entry's
+offline asset, then its hub id. Hub loading is ordinary `from_pretrained(repo_id)` and fails with a
+one-line ModelError when the hub is unreachable.
+
+Remote code: `trust_remote_code` is only ever what the caller passes (the CLI flag); nothing read
+from a file turns it on. A checkpoint that needs its own Python (a registry entry marked
+requires_remote_code, or a folder whose config.json has an `auto_map` for a model type transformers
+does not know) is refused before anything is downloaded or imported unless the caller opted in.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltatune.assets import SMOLLM2, AssetError, GgufAsset, is_available, prepare
+from deltatune.assets import AssetError, cache_root, is_available, prepare
+from deltatune.models.catalog import ModelSpec, load_catalog
+from deltatune.models.templates import template_text
 
 
 class ModelError(ValueError):
     """A model cannot be found or loaded; the message names it and the fix."""
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """One registry entry."""
-
-    name: str
-    hf_id: str
-    family: str
-    task_type: str = "CAUSAL_LM"
-    default_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    """LoRA targets used when --tuner-args gives none."""
-    asset: GgufAsset | None = None
-    """Offline source of the same weights, if any."""
+class RemoteCodeError(ModelError):
+    """The checkpoint runs its own Python code and the caller did not pass trust_remote_code."""
 
 
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in [
-        ModelSpec("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "llama", asset=SMOLLM2),
-    ]
-}
+MODELS: dict[str, ModelSpec] = load_catalog()
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def list_models() -> list[ModelSpec]:
+    """Every registry entry, in catalogue order."""
     return list(MODELS.values())
 
 
 def get_model_spec(name: str) -> ModelSpec | None:
     return MODELS.get(name.lower())
+
+
+def local_dir(spec: ModelSpec) -> Path:
+    """Where a downloaded copy of a registry model is looked for: $DELTATUNE_CACHE/models/NAME."""
+    return cache_root() / "models" / spec.name
+
+
+def is_offline_available(spec: ModelSpec) -> bool:
+    """True when the model loads with no network: a local copy, or an installed offline asset."""
+    if (local_dir(spec) / "config.json").is_file():
+        return True
+    return spec.asset is not None and is_available(spec.asset)
 
 
 def _offline() -> bool:
@@ -58,14 +64,33 @@ def _offline() -> bool:
     )
 
 
-def resolve_model(name: str, *, log=print) -> tuple[str, ModelSpec | None]:
+def _refuse_remote_code(what: str, reason: str) -> RemoteCodeError:
+    return RemoteCodeError(
+        f"{what} needs --trust-remote-code: {reason}, which runs Python files from the checkpoint on "
+        "this machine; read them, then pass --trust-remote-code (trust_remote_code=True in Python) "
+        "only if you trust their authors"
+    )
+
+
+def resolve_model(name: str, *, log=print, trust_remote_code: bool | None = None) -> tuple[str, ModelSpec | None]:
     """Registry name / folder / hub id -> (what from_pretrained gets, the registry entry or None).
 
+    Args:
+        trust_remote_code: when False, a registry entry that needs remote code is refused here,
+            before any download; None leaves the check to load_model / load_tokenizer.
+
     Raises:
-        ModelError: a registry model with no offline asset while offline, or an asset that fails.
+        RemoteCodeError: see trust_remote_code.
+        ModelError: a registry model with no offline copy while offline, an asset that fails, an
+            entry with no Hugging Face id, a folder without config.json, a malformed name.
     """
     spec = get_model_spec(name)
     if spec is not None:
+        if trust_remote_code is False and spec.requires_remote_code:
+            raise _refuse_remote_code(f"model {spec.name!r}", f"the {spec.family} family ships its own modeling code")
+        local = local_dir(spec)
+        if (local / "config.json").is_file():
+            return str(local), spec
         if spec.asset is not None and is_available(spec.asset):
             try:
                 return str(prepare(spec.asset, log=log)), spec
@@ -73,6 +98,11 @@ def resolve_model(name: str, *, log=print) -> tuple[str, ModelSpec | None]:
                 raise ModelError(str(err)) from None
         if spec.asset is not None and _offline():
             raise ModelError(f"model {name!r} is offline-capable but not installed: {spec.asset.install}")
+        if spec.hf_id is None:
+            raise ModelError(
+                f"model {name!r} is published on ModelScope only ({spec.ms_id}); download it into {local} "
+                "(e.g. `modelscope download --model ID --local_dir DIR`) and run again"
+            )
         return spec.hf_id, spec
     path = Path(name).expanduser()
     if path.is_dir():
@@ -82,34 +112,104 @@ def resolve_model(name: str, *, log=print) -> tuple[str, ModelSpec | None]:
     if path.exists():
         raise ModelError(f"{path} is a file; give a model folder, a registry name or a hub id")
     if name.count("/") != 1 or name.startswith((".", "/")):
-        known = ", ".join(MODELS)
-        raise ModelError(f"model {name!r} is not a registry name ({known}), a local folder, or a hub id (owner/name)")
+        raise ModelError(
+            f"model {name!r} is not a registry name (`deltatune models` lists them), a local folder, "
+            "or a hub id (owner/name)"
+        )
     return name, None
+
+
+def spec_for_source(source: str) -> ModelSpec | None:
+    """The registry entry a resolved source (hub id, or a registry / asset folder) belongs to."""
+    for spec in MODELS.values():
+        if source in (spec.hf_id, spec.ms_id):
+            return spec
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    path = path.resolve()
+    for spec in MODELS.values():
+        folders = [local_dir(spec)] + ([cache_root() / "models" / spec.asset.name] if spec.asset else [])
+        if any(path == folder.expanduser().resolve() for folder in folders):
+            return spec
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remote_code_reason(source: str) -> str | None:
+    """Why loading `source` would run the checkpoint's own Python, or None if it would not."""
+    spec = spec_for_source(source)
+    if spec is not None and spec.requires_remote_code:
+        return f"registry model {spec.name!r} ({spec.family} family) ships its own modeling code"
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return None  # an unknown hub id: transformers itself refuses custom code without the flag
+    from transformers import CONFIG_MAPPING
+
+    config = _read_json(folder / "config.json")
+    model_type = config.get("model_type")
+    if config.get("auto_map") and model_type not in CONFIG_MAPPING:
+        return f"{folder / 'config.json'} maps model type {model_type!r} to Python files in the folder (auto_map)"
+    tokenizer_map = _read_json(folder / "tokenizer_config.json").get("auto_map")
+    if tokenizer_map and model_type not in CONFIG_MAPPING:
+        return f"{folder / 'tokenizer_config.json'} maps its tokenizer to Python files in the folder (auto_map)"
+    return None
+
+
+def check_remote_code(source: str, *, trust_remote_code: bool) -> None:
+    """Refuse a source that needs remote code unless the caller passed trust_remote_code.
+
+    Raises:
+        RemoteCodeError: the source needs remote code and trust_remote_code is False.
+    """
+    if trust_remote_code:
+        return
+    reason = remote_code_reason(source)
+    if reason is not None:
+        raise _refuse_remote_code(f"loading {source!r}", reason)
 
 
 def _hub_error(source: str, err: Exception) -> ModelError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ModelError(
-        f"could not load {source!r}: {first[:300]}; offline, use a registry name "
-        f"({', '.join(MODELS)}) or a local folder"
+        f"could not load {source!r}: {first[:300]}; offline, use a local folder or a registry model "
+        "that is available offline (`deltatune models`)"
     )
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer; a registry model whose tokenizer has no chat template gets the entry's
+    fallback template (deltatune/models/templates/), so every caller renders chats the same way.
+
+    Raises:
+        RemoteCodeError, ModelError: see check_remote_code, resolve_model.
+    """
     from transformers import AutoTokenizer
 
+    check_remote_code(source, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _hub_error(source, err) from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # masking is positional, so pad == eos is safe
+    spec = spec_for_source(source)
+    if spec is not None and spec.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template_text(spec.chat_template)
     return tokenizer
 
 
 def load_config(source: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
+    check_remote_code(source, trust_remote_code=trust_remote_code)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -130,12 +230,18 @@ def load_model(
         source: a folder or hub id (see resolve_model).
         dtype: "fp32", "bf16" or "fp16" for the frozen base weights.
         quantize: None, "4bit" (NF4, double quant) or "8bit" via bitsandbytes.
+        trust_remote_code: allow the checkpoint's own Python code (see check_remote_code).
+
+    Raises:
+        RemoteCodeError: the checkpoint needs remote code and trust_remote_code is False.
+        ModelError: bad dtype/quantize, a missing package, or the source cannot be loaded.
     """
     import torch
     import transformers
 
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_remote_code(source, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, DTYPES[dtype]), "trust_remote_code": trust_remote_code}
     if quantize is not None:
         if quantize not in ("4bit", "8bit"):

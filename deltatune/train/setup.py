@@ -37,10 +37,15 @@ def build_tuner_config(tuner: str, tuner_args: dict[str, Any], model_spec: Model
             f"--tuner-args: unknown {spec.name} field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
         )
     kwargs = dict(tuner_args)
-    # only layer-adapting tuners take the model's default layer targets; input/side/select tuners
-    # choose what they touch from their own fields
-    if spec.kind == "delta" and "target_modules" in valid and kwargs.get("target_modules") is None:
-        kwargs["target_modules"] = list(model_spec.default_targets) if model_spec else "all-linear"
+    # the model registry knows each family's layer names per tuner (by role); a model it does not
+    # know gets every linear layer for layer-adapting tuners, and input/side/select tuners choose
+    # what they touch from their own fields
+    defaults = model_spec.targets_for(spec.name) if model_spec else {}
+    for name, modules in defaults.items():
+        if name in valid and kwargs.get(name) is None:
+            kwargs[name] = modules
+    if model_spec is None and spec.kind == "delta" and "target_modules" in valid and kwargs.get("target_modules") is None:
+        kwargs["target_modules"] = "all-linear"
     if "task_type" in valid and kwargs.get("task_type") is None:
         kwargs["task_type"] = model_spec.task_type if model_spec else "CAUSAL_LM"
     try:
