@@ -19,3 +19,15 @@ for spec in all_specs():
 def test_contract(spec, example, tiny, check):
     config = contract.make_config(spec, example, tiny)
     contract.CHECKS[check](tiny, config)
+
+
+def test_every_tuner_runs_on_several_models():
+    """A tuner whose examples stop building (ConfigError) would silently leave the matrix: guard it."""
+    covered: dict[str, set[str]] = {}
+    for case in CASES:
+        spec, _, tiny = case.values
+        covered.setdefault(spec.name, set()).add(tiny.name)
+    for spec in all_specs():
+        assert covered.get(spec.name), f"{spec.name} runs on no tiny model: its examples no longer build"
+    pairs = sum(len(models) for models in covered.values())
+    assert pairs >= 80, f"only {pairs} tuner x model pairs in the matrix (82 when this guard was written)"
