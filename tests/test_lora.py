@@ -135,3 +135,20 @@ def test_new_adapter_follows_the_models_eval_mode():
     assert not any(m.training for m in tuned.modules())
     x = torch.randn(4, 12)
     assert torch.equal(tuned(x), tuned(x))
+
+
+class _KeywordOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.inner(input=x)  # keywords only, as diffusers calls its blocks
+
+
+def test_keyword_only_calls_reach_the_adapter():
+    model = _KeywordOnly().eval()
+    x = torch.randn(2, 6)
+    base = model(x)
+    tuned = dt.get_tuned_model(model, dt.LoraConfig(target_modules=["inner"], init_lora_weights=False))
+    assert (tuned(x) - base).abs().max() > 1e-4

@@ -132,6 +132,9 @@ class Passthrough(nn.Module):
         return hidden_states
 
 
+_INPUT_KEYWORDS = ("hidden_states", "x", "input", "inputs")
+
+
 class DeltaWrapper(nn.Module):
     """Holds the original layer as `base_layer` and a dict of named deltas."""
 
@@ -173,10 +176,21 @@ class DeltaWrapper(nn.Module):
             if overrides:
                 return functional_call(self.base_layer, overrides, args, kwargs)
             return self.base_layer(*args, **kwargs)
-        call = BaseCall(self, None, args[1:], kwargs, overrides)
+        if args:
+            x, rest = args[0], args[1:]
+        else:  # called with keywords only (diffusers does this): take its input by the usual names
+            key = next((k for k in _INPUT_KEYWORDS if k in kwargs), None)
+            if key is None:
+                raise TypeError(
+                    f"{type(self.base_layer).__name__} was called with keyword arguments only ({sorted(kwargs)}); "
+                    "an adapter there needs its input tensor. Target a module that takes its input positionally."
+                )
+            kwargs = dict(kwargs)
+            x, rest = kwargs.pop(key), ()
+        call = BaseCall(self, None, rest, kwargs, overrides)
         for delta in chained:
             call = call.then(delta)
-        return call(args[0])
+        return call(x)
 
     # -- merge ----------------------------------------------------------------------------------
     def _merged(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, object]]:
