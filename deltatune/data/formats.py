@@ -1,16 +1,17 @@
-"""Converters from the on-disk/hub row formats to the three canonical forms we train on.
+"""Converters from the on-disk/hub row formats to the four canonical forms we train on.
 
 Canonical forms (everything downstream sees only these):
 - chat:            {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
                    (+ "images": [path] for image-caption rows)
 - classification:  {"text": str, "label": int|str} (+ "text_pair": str for sentence pairs)
 - ner:             {"tokens": [str, ...], "tags": [str, ...]} of equal length
+- image:           {"image": uint8 numpy array (H, W) or (H, W, C), C in 1/3/4, "label": int >= 0}
 
 Source formats: alpaca (instruction/input/output, optional system and history), sharegpt
 (conversations of {from, value} or {role, content} or {human, assistant} pairs), messages,
-classification, ner, image-caption. A catalogue entry's `columns` map renames source columns to
-these field names first. Every problem raises RowError with a report reason and a detail that
-names fields and types only (never row content).
+classification, ner, image-caption, image-classification. A catalogue entry's `columns` map
+renames source columns to these field names first. Every problem raises RowError with a report
+reason and a detail that names fields and types only (never row content).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from deltatune.data.report import RowError
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("alpaca", "sharegpt", "messages", "classification", "ner", "image-caption")
+FORMATS = ("alpaca", "sharegpt", "messages", "classification", "ner", "image-caption", "image-classification")
 
 # ShareGPT-style dumps name roles many ways; anything else is an "unknown_role".
 DEFAULT_ROLE_MAP = {
@@ -221,7 +224,11 @@ def from_sharegpt(row: Mapping[str, Any], options: Mapping[str, Any]) -> dict[st
 
 
 def from_classification(row: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
-    """text (+ text_pair), label (int index or str name)."""
+    """text (+ text_pair), label (int index or str name).
+
+    Option `keep_fields`: extra str/int/float fields copied through when present (e.g. the
+    `domain` of vader-sentiment rows); other fields are dropped.
+    """
     text = get_field(row, "text")
     if not text.strip():
         raise RowError("empty_turn", "field 'text' is empty")
@@ -229,6 +236,9 @@ def from_classification(row: Mapping[str, Any], options: Mapping[str, Any]) -> d
     out: dict[str, Any] = {"text": text, "label": label}
     if "text_pair" in row:
         out["text_pair"] = get_field(row, "text_pair")
+    for key in options.get("keep_fields") or ():
+        if key in row:
+            out[key] = get_field(row, key, (str, int, float))
     return out
 
 
@@ -262,6 +272,32 @@ def from_image_caption(row: Mapping[str, Any], options: Mapping[str, Any]) -> di
     return {"messages": check_messages(messages), "images": [path]}
 
 
+def from_image_classification(row: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """image (uint8 array (H, W) or (H, W, C), C in 1/3/4) + label (int >= 0; numpy ints accepted).
+
+    Option `labels` (class names, index = label): a label outside it is a `bad_label`.
+    Reasons: `wrong_type` (image not a uint8 numpy array, label not an integer), `wrong_shape`
+    (not 2-D/3-D, channel count not 1/3/4, no pixels), `bad_label` (negative or out of range).
+    """
+    image = get_field(row, "image", np.ndarray)
+    if image.dtype != np.uint8:
+        raise RowError("wrong_type", f"field 'image' has dtype {image.dtype}, expected uint8")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise RowError(
+            "wrong_shape", f"field 'image' has shape {image.shape}, expected (H, W) or (H, W, C) with C 1/3/4"
+        )
+    if image.size == 0:
+        raise RowError("wrong_shape", f"field 'image' has no pixels (shape {image.shape})")
+    label = get_field(row, "label", (int, np.integer))
+    label = int(label)
+    names = options.get("labels")
+    if label < 0 or (names and label >= len(names)):
+        raise RowError(
+            "bad_label", f"label {label} is negative" if label < 0 else f"label {label} >= {len(names)} classes"
+        )
+    return {"image": image, "label": label}
+
+
 CONVERTERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]] = {
     "alpaca": from_alpaca,
     "sharegpt": from_sharegpt,
@@ -269,6 +305,7 @@ CONVERTERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str,
     "classification": from_classification,
     "ner": from_ner,
     "image-caption": from_image_caption,
+    "image-classification": from_image_classification,
 }
 
 
@@ -302,6 +339,8 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
         return "classification"
     if {"image", "caption"} <= keys:
         return "image-caption"
+    if {"image", "label"} <= keys:
+        return "image-classification"
     return None
 
 

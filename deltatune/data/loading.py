@@ -153,7 +153,8 @@ def load_source(
             keys = sorted(first) if first is not None else []
             raise DataError(
                 f"{path}: cannot tell the data format from columns {keys}; rename columns to "
-                f"messages | conversations | instruction+output | text+label | tokens+tags, "
+                f"messages | conversations | instruction+output | text+label | tokens+tags | "
+                f"image+caption | image+label, "
                 f"or pass format= one of {FORMATS}"
             )
     else:
@@ -189,7 +190,9 @@ def load_source(
 
 
 def _row_kind(row: Row) -> str:
-    return "chat" if "messages" in row else "ner" if "tokens" in row else "classification"
+    if "messages" in row:
+        return "chat"
+    return "ner" if "tokens" in row else "image" if "image" in row else "classification"
 
 
 def load_rows(

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune.data.report import DataReport, RowError
+from deltatune.data.report import DataError, DataReport, RowError
 from deltatune.data.templates import render_chat, split_assistant_reply
 
 IGNORE_INDEX = -100
@@ -170,6 +170,20 @@ def encode_rows(
     report = DataReport(source="tokenization")
     examples = []
     truncated = 0
+    if rows and "messages" not in rows[0]:
+        kind = (
+            "image-classification"
+            if "image" in rows[0]
+            else "classification"
+            if "label" in rows[0]
+            else "NER"
+            if "tags" in rows[0]
+            else "non-chat"
+        )
+        raise DataError(
+            f"these are {kind} rows (fields {sorted(rows[0])}), but this step trains on chat/instruction data "
+            "(rows with 'messages'); use a chat or instruction data set, e.g. chatterbot-en or alpaca-en"
+        )
     for i, row in enumerate(rows):
         report.total += 1
         try:

@@ -20,5 +20,7 @@ def test_docs_have_snippets():
 def test_doc_snippet_runs(index, monkeypatch, capsys):
     if importlib.util.find_spec("chatterbot_corpus") is None and "chatterbot" in SNIPPETS[index]:
         pytest.skip("chatterbot-corpus not installed: pip install --no-deps chatterbot-corpus==1.3.3")
+    if importlib.util.find_spec("sklearn") is None and 'load_rows("digits' in SNIPPETS[index]:
+        pytest.skip("scikit-learn not installed: pip install scikit-learn")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     exec(compile(SNIPPETS[index], f"{DOC}:snippet{index}", "exec"), {})

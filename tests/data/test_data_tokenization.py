@@ -170,3 +170,10 @@ def test_pack_keeps_examples_whole_and_masks_boundaries(tokenizer):
     assert batch["position_ids"].shape == (2, 2 * n)
     with pytest.raises(ValueError, match="max_length"):
         pack(examples, max_length=n - 1)
+
+
+def test_non_chat_rows_are_refused_with_a_clear_error(tokenizer):
+    from deltatune.data import DataError, encode_rows
+
+    with pytest.raises(DataError, match="classification rows .* trains on chat"):
+        encode_rows(tokenizer, [{"text": "good", "label": 1}], max_length=32)
