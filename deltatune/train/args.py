@@ -16,12 +16,15 @@ from typing import Any
 from deltatune.core.config import ConfigError
 
 SCHEDULERS = ("cosine", "linear", "constant")
+TASKS = ("causal-lm", "image-classification")
 
 
 @dataclass(kw_only=True)
 class TrainArgs:
     """Arguments of one fine-tuning run (`deltatune.train.train(TrainArgs(...))`)."""
 
+    task: str = "causal-lm"
+    """causal-lm (chat/instruction data) or image-classification (digits, fashion-mnist, image files)."""
     model: str = "smollm2-135m-instruct"
     """Base model: a registry name (`deltatune models`), a local folder, or a hub id."""
     dataset: str = "chatterbot-en"
@@ -92,6 +95,8 @@ class TrainArgs:
     # ---------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value (before any model or data loads)."""
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         if (self.max_steps is None) == (self.num_epochs is None):
             raise ConfigError("give exactly one of max_steps and num_epochs")
         _positive(self, "max_steps", int, allow_none=True)

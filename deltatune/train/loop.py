@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from deltatune.core.config import ConfigError
 from deltatune.core.tuned_model import TunedModel, get_tuned_model
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.args import TrainArgs, stable_hash
@@ -150,6 +151,10 @@ def train(
 
     started = time.time()
     args.validate()
+    if args.task != "causal-lm":
+        raise ConfigError(
+            f"train() runs causal-lm; for task {args.task!r} use deltatune.tasks.image_train.train_image_classifier"
+        )
     model_spec = get_model_spec(args.model) if model is None else None
     config = build_tuner_config(args.tuner, args.tuner_args, model_spec)  # validated before any load
     out, explicit = _resolve_dirs(args)
