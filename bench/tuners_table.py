@@ -108,6 +108,7 @@ def worker(opts: argparse.Namespace) -> None:
         config = dt.get_spec(tuner).config(**fields, task_type="CAUSAL_LM")
         source, _ = resolve_model(MODEL, log=lambda *_: None)
         base = load_model(source, dtype="fp32", task_type="CAUSAL_LM")
+        record["base_params"] = sum(p.numel() for p in base.parameters())
         torch.manual_seed(args.seed)  # adapter init, as train() seeds it
         try:
             tuned = dt.get_tuned_model(base, config)
@@ -117,7 +118,7 @@ def worker(opts: argparse.Namespace) -> None:
             return
         trainable, total = tuned.get_nb_trainable_parameters()
         record["trainable_params"] = int(trainable)
-        record["all_params"] = int(total)
+        record["all_params"] = int(total)  # includes the adapter's tensors (Full: a second copy of the weights)
         t0 = time.time()
         result = train(args, model=tuned, log=lambda *_: None)
         record["train_seconds"] = round(time.time() - t0, 1)
@@ -145,7 +146,7 @@ def _fmt_params(n: int) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| tuner | lr | trainable params | median step (s) | peak RSS (MiB) | held-out loss before | after | change |",
+        "| tuner | lr | trainable params (% of base) | median step (s) | peak RSS (MiB) | held-out loss before | after | change |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -160,7 +161,7 @@ def markdown(rows: list[dict]) -> str:
         before, after = r["eval_before"]["loss"], r["eval_after"]["loss"]
         lines.append(
             f"| {r['label']} | {r['lr']:g} | {_fmt_params(r['trainable_params'])} "
-            f"({100 * r['trainable_params'] / r['all_params']:.3f}%) | {r['median_step_s']:.2f} | "
+            f"({100 * r['trainable_params'] / r['base_params']:.3f}%) | {r['median_step_s']:.2f} | "
             f"{r['peak_rss_mib']:.0f} | {before:.4f} | {after:.4f} | {after - before:+.4f} |"
         )
     return "\n".join(lines)
@@ -198,9 +199,9 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
     rows: list[dict] = []
-    for name, _tuner, _fields, lr, label in TUNERS:
-        if name not in wanted:
-            continue
+    by_name = {t[0]: t for t in TUNERS}
+    for name in wanted:  # in the order given
+        _, _tuner, _fields, lr, label = by_name[name]
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
             result_path = handle.name
         load_start = _loadavg()
