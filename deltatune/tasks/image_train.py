@@ -145,26 +145,12 @@ def image_tuner_config(tuner: str, tuner_args: dict[str, Any], model: nn.Module,
     Raises:
         ConfigError: unknown tuner or field (listing the valid ones), invalid value.
     """
-    from deltatune.core.config import ConfigError
-    from deltatune.core.registry import get_spec
-    from deltatune.train.setup import tuner_fields
+    from deltatune.train.setup import config_from_args
 
-    spec = get_spec(tuner)
-    valid = tuner_fields(tuner)
-    unknown = sorted(set(tuner_args) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"--tuner-args: unknown {spec.name} field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
-        )
-    kwargs = dict(tuner_args)
-    if "target_modules" in valid and kwargs.get("target_modules") is None:
-        kwargs["target_modules"] = default_targets(model)
-    if "modules_to_save" in valid:
-        kwargs["modules_to_save"] = list(dict.fromkeys([*(kwargs.get("modules_to_save") or []), head]))
-    try:
-        return spec.config(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"--tuner-args: {err}") from None
+    args = dict(tuner_args)
+    # the new head always trains, whatever else the user names (every TunerConfig has modules_to_save)
+    args["modules_to_save"] = list(dict.fromkeys([*(args.get("modules_to_save") or []), head]))
+    return config_from_args(tuner, args, {"target_modules": default_targets(model)})
 
 
 # -- training --------------------------------------------------------------------------------------

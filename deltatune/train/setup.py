@@ -23,8 +23,8 @@ def tuner_fields(tuner: str) -> dict[str, str]:
     return {f.name: docs.get(f.name, "") for f in dataclasses.fields(config_cls)}
 
 
-def build_tuner_config(tuner: str, tuner_args: dict[str, Any], model_spec: ModelSpec | None) -> TunerConfig:
-    """The tuner config of a run: tuner_args over the model's default targets and task type.
+def config_from_args(tuner: str, tuner_args: dict[str, Any], defaults: dict[str, Any]) -> TunerConfig:
+    """A tuner's config from --tuner-args, with `defaults` filling fields the user left unset.
 
     Raises:
         ConfigError: unknown tuner, unknown field (listing the valid ones), invalid value.
@@ -37,21 +37,28 @@ def build_tuner_config(tuner: str, tuner_args: dict[str, Any], model_spec: Model
             f"--tuner-args: unknown {spec.name} field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
         )
     kwargs = dict(tuner_args)
-    # the model registry knows each family's layer names per tuner (by role); a model it does not
-    # know gets every linear layer for layer-adapting tuners, and input/side/select tuners choose
-    # what they touch from their own fields
-    defaults = model_spec.targets_for(spec.name) if model_spec else {}
-    for name, modules in defaults.items():
+    for name, value in defaults.items():
         if name in valid and kwargs.get(name) is None:
-            kwargs[name] = modules
-    if model_spec is None and spec.kind == "delta" and "target_modules" in valid and kwargs.get("target_modules") is None:
-        kwargs["target_modules"] = "all-linear"
-    if "task_type" in valid and kwargs.get("task_type") is None:
-        kwargs["task_type"] = model_spec.task_type if model_spec else "CAUSAL_LM"
+            kwargs[name] = value
     try:
         return spec.config(**kwargs)
     except TypeError as err:
         raise ConfigError(f"--tuner-args: {err}") from None
+
+
+def build_tuner_config(tuner: str, tuner_args: dict[str, Any], model_spec: ModelSpec | None) -> TunerConfig:
+    """The tuner config of a run: tuner_args over the model's default targets and task type.
+
+    The model registry knows each family's layer names per tuner (by role); a model it does not
+    know gets every linear layer for layer-adapting tuners, and input/side/select tuners choose
+    what they touch from their own fields.
+    """
+    spec = get_spec(tuner)
+    defaults: dict[str, Any] = dict(model_spec.targets_for(spec.name)) if model_spec else {}
+    if model_spec is None and spec.kind == "delta":
+        defaults["target_modules"] = "all-linear"
+    defaults["task_type"] = model_spec.task_type if model_spec else "CAUSAL_LM"
+    return config_from_args(tuner, tuner_args, defaults)
 
 
 def structural(config: TunerConfig, **extra: Any) -> dict[str, Any]:
