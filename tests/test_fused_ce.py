@@ -66,3 +66,36 @@ def test_prompt_tuning_goes_through_forward_and_aligns_labels():
     loss_sum, count = causal_lm_loss(tuned, inputs["input_ids"], inputs["input_ids"], inputs["attention_mask"])
     plain = tuned(**inputs, labels=inputs["input_ids"]).loss
     torch.testing.assert_close(loss_sum / count, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", ["none", "all", "most"])
+def test_only_supervised_tokens_reach_the_head(masked):
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(12, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(30, 8, generator=gen)
+    labels = torch.randint(0, 30, (12,), generator=gen)
+    if masked == "all":
+        labels[:] = -100
+    elif masked == "most":
+        labels[[0, 1, 2, 4, 5, 7, 8, 9, 11]] = -100
+    ours = fused_linear_cross_entropy(hidden, weight, None, labels, chunk_tokens=2)
+    (grad_ours,) = torch.autograd.grad(ours, hidden)
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    (grad_plain,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_ours, grad_plain, atol=1e-5, rtol=1e-5)
+    assert (grad_ours[labels == -100] == 0).all()
+
+
+def test_low_precision_head_keeps_the_softmax_in_fp32():
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(6, 16, generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(50, 16, generator=gen).bfloat16()
+    labels = torch.randint(0, 50, (6,), generator=gen)
+    ours = fused_linear_cross_entropy(hidden, weight, None, labels, chunk_tokens=4)
+    (grad_ours,) = torch.autograd.grad(ours, hidden)
+    assert ours.dtype == torch.float32 and grad_ours.dtype == torch.bfloat16
+    plain = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
+    (grad_plain,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(ours, plain, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(grad_ours.float(), grad_plain.float(), atol=2e-2, rtol=2e-2)

@@ -152,3 +152,23 @@ def test_keyword_only_calls_reach_the_adapter():
     base = model(x)
     tuned = dt.get_tuned_model(model, dt.LoraConfig(target_modules=["inner"], init_lora_weights=False))
     assert (tuned(x) - base).abs().max() > 1e-4
+
+
+def test_inference_adds_in_place_only_into_outputs_nobody_else_holds():
+    torch.manual_seed(0)
+    tuned = dt.get_tuned_model(
+        torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)), dt.LoraConfig(target_modules=["0", "1"], r=2)
+    )
+    contract.perturb(tuned)
+    first, second = tuned.model[0], tuned.model[1]
+    held, copies = [], []
+    second.base_layer.register_forward_hook(lambda module, args, out: held.append(out))
+    second.base_layer.register_forward_hook(lambda module, args, out: copies.append(out.clone()))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        fast = tuned(x)  # layer 0: added in place into its base output; layer 1 (hooked): not
+        delta = first.deltas["default"]
+        by_hand = first.base_layer(x) + delta.scale * (x @ delta.lora_A.weight.T) @ delta.lora_B.weight.T
+        torch.testing.assert_close(first(x), by_hand, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(held[0], copies[0], atol=0, rtol=0)  # what the hook holds is untouched
+    torch.testing.assert_close(fast, tuned(x).detach(), atol=1e-6, rtol=1e-6)  # = the autograd path

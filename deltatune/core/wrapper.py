@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.func import functional_call
 
 from deltatune import backends
@@ -59,6 +60,30 @@ class BaseCall:
     @property
     def info(self) -> LayerInfo:
         return self._wrapper.layer_info
+
+    @property
+    def owns_output(self) -> bool:
+        """True when this call is a plain nn.Linear with no hooks and no overrides: `linear_2d` then
+        returns a fresh (N, out) tensor nobody else holds, which a delta may add into in place."""
+        layer = self._wrapper.base_layer
+        return (
+            self._fn is None
+            and not self._overrides
+            and not self._args
+            and not self._kwargs
+            and type(layer) is nn.Linear
+            and not (layer._forward_hooks or layer._forward_pre_hooks)
+        )
+
+    @property
+    def weight_dtype(self) -> torch.dtype | None:
+        weight = getattr(self._wrapper.base_layer, "weight", None)
+        return weight.dtype if isinstance(weight, torch.Tensor) else None
+
+    def linear_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain nn.Linear on x flattened to (N, in): (N, out). Only when `owns_output`."""
+        layer = self._wrapper.base_layer
+        return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
 
     def weight(self) -> torch.Tensor:
         """Dense base weight in canonical layout (dequantized for quantized layers)."""

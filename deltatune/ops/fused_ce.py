@@ -24,29 +24,53 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_tokens: int):  # hidden (N, H), labels (N,)
         needs_grad = ctx.needs_input_grad[0]  # forward itself runs without grad mode
+        # Only supervised tokens reach the head: chat SFT masks the prompt, often half the tokens.
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+        n, vocab = rows.numel(), weight.shape[0]
         total = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start : start + chunk_tokens]  # (c, H)
-            y = labels[start : start + chunk_tokens]  # (c,)
-            logits = torch.nn.functional.linear(h, weight, bias).float()  # (c, V)
-            valid = y != IGNORE_INDEX
-            target = y.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
+        grad_rows = hidden.new_empty((n, hidden.shape[1])) if needs_grad else None
+        # One fp32 buffer for every chunk's logits, overwritten in place: no per-chunk allocation
+        # (on the CPU each fresh tens-of-MB block costs page faults) and no temporaries.
+        buffer = torch.empty((min(chunk_tokens, n), vocab), dtype=torch.float32, device=hidden.device)
+        same_dtype = weight.dtype == torch.float32
+        every = n == hidden.shape[0]
+        for start in range(0, n, chunk_tokens):
+            index = rows[start : start + chunk_tokens]
+            if every:  # slices are views: no copy
+                h, y = hidden[start : start + len(index)], labels[start : start + len(index), None]
+            else:
+                h, y = hidden.index_select(0, index), labels.index_select(0, index)[:, None]  # (c, H), (c, 1)
+            logits = buffer[: len(index)]  # (c, V)
+            if same_dtype:
+                torch.mm(h, weight.t(), out=logits)
+                if bias is not None:
+                    logits.add_(bias)
+            else:  # low-precision head: matmul in its dtype, softmax in fp32
+                logits.copy_(torch.nn.functional.linear(h, weight, bias))
+            picked = logits.gather(1, y)  # (c, 1)
+            peak = logits.amax(1, keepdim=True)  # (c, 1)
+            logits.sub_(peak).exp_()
+            norm = logits.sum(1, keepdim=True)  # (c, 1)
+            total += (peak + norm.log() - picked).sum()
             if needs_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
-                probs[torch.arange(len(y), device=y.device), target] -= 1.0
-                probs.mul_(valid[:, None])
-                grad_hidden[start : start + chunk_tokens] = probs.to(weight.dtype) @ weight  # (c, H)
-        ctx.save_for_backward(grad_hidden if needs_grad else hidden.new_empty(0))
+                probs = logits.div_(norm)  # softmax, in place
+                probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0))  # minus one-hot(y)
+                if same_dtype:
+                    torch.mm(probs, weight, out=grad_rows[start : start + len(index)])  # (c, H)
+                else:
+                    grad_rows[start : start + len(index)] = probs.to(weight.dtype) @ weight
+        ctx.rows_shape = hidden.shape
+        ctx.save_for_backward(grad_rows if needs_grad else hidden.new_empty(0), rows)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None
+        grad_rows, rows = ctx.saved_tensors
+        grad_rows = grad_rows * grad_output.to(grad_rows.dtype)
+        if rows.numel() == ctx.rows_shape[0]:  # every token supervised: rows is 0..N-1
+            return grad_rows, None, None, None, None
+        grad_hidden = grad_rows.new_zeros(ctx.rows_shape)
+        return grad_hidden.index_copy_(0, rows, grad_rows), None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -107,5 +131,7 @@ def causal_lm_loss(
         )
         return loss, (shifted != IGNORE_INDEX).sum()
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, T, H)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
-    return fused_linear_cross_entropy(hidden, head.weight, head.bias, shifted), (shifted != IGNORE_INDEX).sum()
+    # position t predicts token t+1; the last position predicts nothing (ignored, never reaches the head)
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (B*T,)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H), a view
+    return fused_linear_cross_entropy(flat, head.weight, head.bias, targets), (shifted != IGNORE_INDEX).sum()

@@ -198,12 +198,24 @@ class LoraLinear(_LoraBase):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale  # (out, in)
 
     def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
-        result = base(x)
         a = self.lora_A.weight.to(x.dtype)  # (r, in): cast the small weights, not the activations
-        b = (self.lora_B.weight * self.scale).to(x.dtype)  # (out, r), scale folded in: one pass less over (..., out)
         dropped = self.dropout(x)
+        if not self.use_dora and base.owns_output and x.dtype == base.weight_dtype:
+            # A plain nn.Linear: y = x W^T + b, then y += s (x A^T) B^T in place (one addmm: the
+            # add rides on the GEMM; no (..., out) update tensor, no copy). Safe under autograd too:
+            # y is fresh and linear's backward never reads its output.
+            flat = base.linear_2d(x)  # (N, out)
+            xa = F.linear(dropped.reshape(-1, x.shape[-1]), a)  # (N, r)
+            flat.addmm_(xa, self.lora_B.weight.to(x.dtype).t(), alpha=self.scale)
+            return flat.view(*x.shape[:-1], flat.shape[-1])
+        result = base(x)
+        if not self.use_dora and result.dtype == x.dtype:  # any other layer: one out-of-place addmm
+            xa = F.linear(dropped, a).reshape(-1, a.shape[0])  # (N, r)
+            flat = result.reshape(-1, result.shape[-1])  # (N, out)
+            return torch.addmm(flat, xa, self.lora_B.weight.to(x.dtype).t(), alpha=self.scale).view(result.shape)
+        b = (self.lora_B.weight * self.scale).to(x.dtype)  # (out, r), scale folded in: one pass less over (..., out)
         update = F.linear(F.linear(dropped, a), b)  # (..., out)
-        if not self.use_dora:
+        if not self.use_dora:  # the base returned another dtype (a quantized layer's compute dtype)
             return result + update
         weight = base.weight().to(x.dtype)  # (out, in)
         with torch.no_grad():
