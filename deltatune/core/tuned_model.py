@@ -24,6 +24,7 @@ from deltatune.core.config import ConfigError, TunerConfig, check_adapter_name
 from deltatune.core.hooks import HookSet
 from deltatune.core.registry import TunerSpec, spec_for_config
 from deltatune.core.wrapper import DeltaWrapper, MergeError, ModulesToSave, QuantizedMergeError
+from deltatune.ops import gated_mlp
 
 _AUTO_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
 
@@ -55,7 +56,9 @@ class TunedModel(nn.Module):
     merge_report: Any = None
     """The DequantizeReport of the last merge_and_unload(dequantize=True), else None."""
 
-    def __init__(self, model: nn.Module, config: TunerConfig | None, adapter_name: str = "default"):
+    def __init__(
+        self, model: nn.Module, config: TunerConfig | None, adapter_name: str = "default", *, lean_activations: bool = True
+    ):
         super().__init__()
         if isinstance(model, TunedModel) or _is_wrapped(model):
             raise ConfigError(
@@ -71,6 +74,8 @@ class TunedModel(nn.Module):
         self._disabled = False
         for param in model.parameters():
             param.requires_grad_(False)
+        # exact, and keeps a third less of each gated MLP's activations for backward (ops/gated_mlp.py)
+        self._undo_lean = gated_mlp.install(model) if lean_activations else None
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -348,6 +353,9 @@ class TunedModel(nn.Module):
         self.adapters.clear()
         self.input_modules.clear()
         self._active = []
+        if self._undo_lean is not None:
+            self._undo_lean()
+            self._undo_lean = None
         return model
 
     # -- parameters ------------------------------------------------------------------------------------
@@ -531,6 +539,12 @@ def _refuse_quantized_merge(model: nn.Module, names: list[str]) -> None:
         )
 
 
-def get_tuned_model(model: nn.Module, config: TunerConfig, adapter_name: str = "default") -> TunedModel:
-    """Freeze `model` and inject an adapter described by `config`."""
-    return TunedModel(model, config, adapter_name)
+def get_tuned_model(
+    model: nn.Module, config: TunerConfig, adapter_name: str = "default", *, lean_activations: bool = True
+) -> TunedModel:
+    """Freeze `model` and inject an adapter described by `config`.
+
+    `lean_activations` (default on): gated MLPs (Llama-style `down(act(gate(x)) * up(x))`) recompute
+    the activation in backward instead of keeping its output; same results, less memory. The
+    original forwards come back on `unload()` / `merge_and_unload()`."""
+    return TunedModel(model, config, adapter_name, lean_activations=lean_activations)

@@ -1,0 +1,91 @@
+"""Gated MLPs (`down(act(gate(x)) * up(x))`, Llama/Mistral/Qwen/Gemma...) that keep less for backward.
+
+Autograd keeps three (tokens x intermediate) tensors per gated MLP for the backward of
+`act(gate) * up`: the activation's input `gate`, its output `act(gate)` and `up`. Only `gate` and
+`up` are needed: the activation is one cheap elementwise op, recomputed in backward. On Llama
+shapes that is a third of the MLP's saved activations (5.4 MiB per layer at 1,024 tokens x 1,376).
+
+`install(model)` swaps the forward of each module that has `gate_proj`, `up_proj`, `down_proj` and
+`act_fn` for one that computes the product with `GatedProduct` — only after checking, on a small
+random input in training mode, that the new forward gives the module's own output (a module whose
+forward does anything else, e.g. dropout or a different wiring, is left alone). It returns a
+function that restores every swapped forward.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class GatedProduct(torch.autograd.Function):
+    """act(gate) * up, saving only gate and up; act(gate) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]):
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_(need_gate)
+            activated = ctx.act(leaf)
+        grad_up = grad * activated.detach() if need_up else None
+        grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if need_gate else None
+        return grad_gate, grad_up, None
+
+
+def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(GatedProduct.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return all(isinstance(part, nn.Module) for part in parts) and callable(getattr(module, "act_fn", None))
+
+
+def _same_output(module: nn.Module) -> bool:
+    """The module's own forward and the lean one agree on a random input (in training mode)."""
+    weight = getattr(module.gate_proj, "weight", None)
+    width = getattr(module.gate_proj, "in_features", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(width, int) or weight.device.type == "meta":
+        return False
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    was_training = module.training
+    try:
+        module.train()
+        generator = torch.Generator(device=weight.device).manual_seed(0)  # never the global RNG
+        x = torch.randn(1, 3, width, device=weight.device, dtype=dtype, generator=generator)
+        with torch.no_grad():
+            own, lean = module(x), _lean_forward(module, x)
+        if not isinstance(own, torch.Tensor) or own.shape != lean.shape:
+            return False
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        return bool(torch.allclose(own.float(), lean.float(), atol=tolerance, rtol=tolerance))
+    except Exception:  # anything unusual (quantized kernels, odd signatures): leave the module alone
+        return False
+    finally:
+        module.train(was_training)
+
+
+def install(model: nn.Module) -> Callable[[], None]:
+    """Give every gated MLP of `model` the lean forward; returns the function that undoes it."""
+    swapped: list[nn.Module] = []
+    for module in model.modules():
+        if "forward" in module.__dict__ or not _is_gated_mlp(module) or not _same_output(module):
+            continue
+        module.forward = types.MethodType(_lean_forward, module)
+        swapped.append(module)
+
+    def undo() -> None:
+        for module in swapped:
+            module.__dict__.pop("forward", None)
+
+    return undo
