@@ -199,30 +199,37 @@ class LoraLinear(_LoraBase):
 
     def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
         a = self.lora_A.weight.to(x.dtype)  # (r, in): cast the small weights, not the activations
+        b = self.lora_B.weight.to(x.dtype)  # (out, r)
         dropped = self.dropout(x)
-        if not self.use_dora and base.owns_output and x.dtype == base.weight_dtype:
+        plain_dropout = isinstance(self.dropout, nn.Identity)
+        summed = None  # base(x) + s B A x, as (N, out), when one addmm can give it
+        if base.owns_output and x.dtype == base.weight_dtype:
             # A plain nn.Linear: y = x W^T + b, then y += s (x A^T) B^T in place (one addmm: the
             # add rides on the GEMM; no (..., out) update tensor, no copy). Safe under autograd too:
             # y is fresh and linear's backward never reads its output.
-            flat = base.linear_2d(x)  # (N, out)
-            xa = F.linear(dropped.reshape(-1, x.shape[-1]), a)  # (N, r)
-            flat.addmm_(xa, self.lora_B.weight.to(x.dtype).t(), alpha=self.scale)
-            return flat.view(*x.shape[:-1], flat.shape[-1])
-        result = base(x)
-        if not self.use_dora and result.dtype == x.dtype:  # any other layer: one out-of-place addmm
-            xa = F.linear(dropped, a).reshape(-1, a.shape[0])  # (N, r)
-            flat = result.reshape(-1, result.shape[-1])  # (N, out)
-            return torch.addmm(flat, xa, self.lora_B.weight.to(x.dtype).t(), alpha=self.scale).view(result.shape)
-        b = (self.lora_B.weight * self.scale).to(x.dtype)  # (out, r), scale folded in: one pass less over (..., out)
-        update = F.linear(F.linear(dropped, a), b)  # (..., out)
-        if not self.use_dora:  # the base returned another dtype (a quantized layer's compute dtype)
-            return result + update
+            if not self.use_dora or plain_dropout:
+                summed = base.linear_2d(x)  # (N, out)
+                xa = F.linear(dropped.reshape(-1, x.shape[-1]), a)  # (N, r)
+                summed.addmm_(xa, b.t(), alpha=self.scale)
+        if summed is None:
+            result = base(x)
+            if result.dtype == x.dtype and (not self.use_dora or plain_dropout):  # one out-of-place addmm
+                xa = F.linear(dropped, a).reshape(-1, a.shape[0])  # (N, r)
+                summed = torch.addmm(result.reshape(-1, result.shape[-1]), xa, b.t(), alpha=self.scale)
+        if not self.use_dora:
+            if summed is not None:
+                return summed.view(*x.shape[:-1], summed.shape[-1])
+            return result + F.linear(F.linear(dropped, a), b * self.scale)  # the base returned another dtype
         weight = base.weight().to(x.dtype)  # (out, in)
         with torch.no_grad():
-            norm = self._dora_norm(weight, b @ a)  # (out,), a constant in backward (DoRA section 4.3)
+            norm = self._dora_norm(weight, (b * self.scale) @ a)  # (out,), a constant in backward (DoRA section 4.3)
         ratio = self.lora_magnitude_vector.to(x.dtype) / norm  # (out,)
-        if isinstance(self.dropout, nn.Identity):
+        if summed is not None:
             # result + (ratio - 1) (W x) + ratio * update, with W x = result - bias, regrouped:
+            out = (summed * ratio).view(*x.shape[:-1], summed.shape[-1])
+            return out if base.bias is None else out + (1 - ratio) * base.bias.to(out.dtype)
+        update = F.linear(F.linear(dropped, a), b * self.scale)  # (..., out)
+        if plain_dropout:
             out = (result + update) * ratio
             return out if base.bias is None else out + (1 - ratio) * base.bias.to(out.dtype)
         return result + (ratio - 1) * F.linear(dropped, weight) + ratio * update
