@@ -41,6 +41,7 @@ _SFT_FLAGS: list[tuple[str, str, dict]] = [
     ("--loraplus-lr-ratio", "loraplus_lr_ratio", {"type": float}),
     ("--seed", "seed", {"type": int}),
     ("--max-length", "max_length", {"type": int}),
+    ("--group-by-length", "group_by_length", {"action": argparse.BooleanOptionalAction}),
     ("--val-size", "val_size", {"type": float}),
     ("--save-steps", "save_steps", {"type": int}),
     ("--save-total-limit", "save_total_limit", {"type": int}),

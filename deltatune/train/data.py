@@ -4,6 +4,11 @@ Each epoch shuffles the training examples with a generator seeded by (seed, epoc
 step consumes `global_batch = batch_size * grad_accum * world_size` examples in permutation order
 (the last partial global batch of an epoch is dropped), so the cursor of step s is
 (epoch = s // steps_per_epoch, position = (s % steps_per_epoch) * global_batch), O(1) to restore.
+
+With `group_by_length`, each window of GROUP_WINDOW global batches of the shuffled order is sorted
+by length (longest first) before it is cut into global batches, and the batches of the epoch are
+then shuffled again: rows of similar length share a batch, so right-padding wastes little compute,
+and the stream is still a pure function of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -25,12 +30,17 @@ class Cursor:
     permutation_seed: int
 
 
+GROUP_WINDOW = 16
+"""Global batches per window sorted by length when grouping (wider: less padding, less mixing)."""
+
+
 class StepData:
     """Micro-batches of each optimizer step, for one process of `world_size`."""
 
     def __init__(self, examples: list[dict[str, list[int]]], *, batch_size: int, grad_accum: int, seed: int,
-                 pad_id: int, world_size: int = 1, rank: int = 0):  # fmt: skip
+                 pad_id: int, world_size: int = 1, rank: int = 0, group_by_length: bool = False):  # fmt: skip
         self.examples = examples
+        self.group_by_length = group_by_length
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.world_size, self.rank = world_size, rank
         self.global_batch = batch_size * grad_accum * world_size
@@ -50,9 +60,22 @@ class StepData:
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = torch.randperm(len(self.examples), generator=gen).tolist()
+            perm = torch.randperm(len(self.examples), generator=gen).tolist()
+            self._perm = self._grouped(perm, gen) if self.group_by_length else perm
             self._perm_epoch = epoch
         return self._perm
+
+    def _grouped(self, perm: list[int], gen: torch.Generator) -> list[int]:
+        size = self.global_batch
+        used = self.steps_per_epoch * size  # the dropped tail stays at the end
+        window = size * GROUP_WINDOW
+        ordered: list[int] = []
+        for start in range(0, used, window):
+            part = perm[start : min(start + window, used)]
+            part.sort(key=lambda i: -len(self.examples[i]["input_ids"]))  # stable: ties keep the random order
+            ordered += part
+        batches = [ordered[i : i + size] for i in range(0, used, size)]
+        return [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]] + perm[used:]
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This process's grad_accum micro-batches of step `step`, collated."""
