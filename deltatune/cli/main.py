@@ -41,6 +41,7 @@ _SFT_FLAGS: list[tuple[str, str, dict]] = [
     ("--loraplus-lr-ratio", "loraplus_lr_ratio", {"type": float}),
     ("--seed", "seed", {"type": int}),
     ("--max-length", "max_length", {"type": int}),
+    ("--split-by-length", "split_by_length", {"action": argparse.BooleanOptionalAction}),
     ("--group-by-length", "group_by_length", {"action": argparse.BooleanOptionalAction}),
     ("--val-size", "val_size", {"type": float}),
     ("--save-steps", "save_steps", {"type": int}),

@@ -59,8 +59,10 @@ class TrainArgs:
     """Seeds the adapter init, the data split, the sampling and the shuffling."""
     max_length: int = 96
     """Tokens per row after truncation (the answer's end-of-turn token is always kept)."""
-    group_by_length: bool = True
-    """Batch rows of similar length together (less padding, faster steps); the order stays seeded."""
+    split_by_length: bool = True
+    """Cut each batch in two by length and accumulate (same rows, same update, less padding)."""
+    group_by_length: bool = False
+    """Batch rows of similar length together (much less padding; changes which rows share a step)."""
     val_size: float = 200
     """Held-out rows: a count >= 1 or a fraction in (0, 1); 0 disables evaluation."""
     save_steps: int = 50

@@ -9,6 +9,9 @@ With `group_by_length`, each window of GROUP_WINDOW global batches of the shuffl
 by length (longest first) before it is cut into global batches, and the batches of the epoch are
 then shuffled again: rows of similar length share a batch, so right-padding wastes little compute,
 and the stream is still a pure function of (seed, epoch).
+
+With `split_by_length`, each micro-batch is sorted by length and cut in two where padding is
+smallest (see `_split_by_length`): the same rows and the same update, less padded compute.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ class StepData:
     """Micro-batches of each optimizer step, for one process of `world_size`."""
 
     def __init__(self, examples: list[dict[str, list[int]]], *, batch_size: int, grad_accum: int, seed: int,
-                 pad_id: int, world_size: int = 1, rank: int = 0, group_by_length: bool = False):  # fmt: skip
+                 pad_id: int, world_size: int = 1, rank: int = 0, group_by_length: bool = False,
+                 split_by_length: bool = False):  # fmt: skip
         self.examples = examples
-        self.group_by_length = group_by_length
+        self.group_by_length, self.split_by_length = group_by_length, split_by_length
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.world_size, self.rank = world_size, rank
         self.global_batch = batch_size * grad_accum * world_size
@@ -87,8 +91,25 @@ class StepData:
             # one process per slice read the same rows in the same order.
             start = (micro * self.world_size + self.rank) * self.batch_size
             rows = [self.examples[i] for i in order[start : start + self.batch_size]]
-            out.append(collate(rows, self.pad_id))
+            if self.split_by_length and len(rows) > 1:
+                out += [collate(part, self.pad_id) for part in _split_by_length(rows)]
+            else:
+                out.append(collate(rows, self.pad_id))
         return out
+
+
+def _split_by_length(rows: list[dict[str, list[int]]]) -> tuple[list, list]:
+    """The rows sorted by length, cut in two where the padded size of both halves is smallest.
+
+    Always two parts, so every process of a multi-process run does the same number of backward
+    passes. The loop normalises the loss over all tokens of the step, so the update is the same as
+    for the uncut batch; only the padding, and the compute spent on it, shrinks. (Three parts
+    measured no faster on the default run, four slower: smaller matmuls, more passes.)"""
+    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
+    lengths = [len(row["input_ids"]) for row in ordered]
+    longest = lengths[-1]
+    cut = min(range(1, len(ordered)), key=lambda k: k * lengths[k - 1] + (len(ordered) - k) * longest)
+    return ordered[:cut], ordered[cut:]
 
 
 def fingerprint(examples: list[dict[str, Any]], extra: dict[str, Any]) -> str:

@@ -181,10 +181,11 @@ def train(
         steps = StepData(
             data.train, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, pad_id=pad_id,
             world_size=accelerator.num_processes, rank=accelerator.process_index, group_by_length=args.group_by_length,
+            split_by_length=args.split_by_length,
         )  # fmt: skip
         total = args.total_steps(steps.steps_per_epoch)
         layout = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "world_size": accelerator.num_processes,
-                  "group_by_length": args.group_by_length}  # fmt: skip
+                  "group_by_length": args.group_by_length, "split_by_length": args.split_by_length}  # fmt: skip
         data_fp = fingerprint(data.train, {"seed": args.seed, **layout})
         template = getattr(tokenizer, "chat_template", None) or ""
         shape = structural(
