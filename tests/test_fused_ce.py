@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.ops import causal_lm_loss, fused_linear_cross_entropy
+from deltatune.ops import causal_lm_loss, fused_ce, fused_linear_cross_entropy
+from deltatune.ops.fused_ce import fused_linear_cross_entropy as fused
 from deltatune.testing import contract
 from deltatune.testing.tiny_models import TINY_MODELS
 
@@ -58,14 +59,34 @@ def test_falls_back_when_the_head_trains():
     assert head.weight.grad is not None and head.weight.grad.abs().max() > 0
 
 
-def test_prompt_tuning_goes_through_forward_and_aligns_labels():
+@pytest.mark.parametrize(
+    "config",
+    [
+        dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+        dt.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16, task_type="CAUSAL_LM"),
+        dt.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    ],
+    ids=lambda c: type(c).__name__,
+)
+def test_input_adapters_take_the_fused_path_with_aligned_labels(config, monkeypatch):
     tiny = TINY_MODELS["llama"]
-    tuned = dt.get_tuned_model(tiny.fresh(), dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    tuned = dt.get_tuned_model(tiny.fresh(), config)
     assert tuned.rewrites_inputs
     inputs = tiny.make_inputs(0)
-    loss_sum, count = causal_lm_loss(tuned, inputs["input_ids"], inputs["input_ids"], inputs["attention_mask"])
-    plain = tuned(**inputs, labels=inputs["input_ids"]).loss
+    labels = inputs["input_ids"].clone()
+    labels[0, :2] = -100
+    params = [p for p in tuned.parameters() if p.requires_grad]
+    plain = tuned(**inputs, labels=labels).loss
+    plain_grads = torch.autograd.grad(plain, params)
+    calls = []
+    monkeypatch.setattr(fused_ce, "fused_linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    loss_sum, count = causal_lm_loss(tuned, inputs["input_ids"], labels, inputs["attention_mask"])
+    assert calls, "the fused head path was not taken"
+    grads = torch.autograd.grad(loss_sum / count, params)
     torch.testing.assert_close(loss_sum / count, plain, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(grads, plain_grads):
+        assert theirs.abs().max() > 0
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("masked", ["none", "all", "most"])

@@ -124,6 +124,15 @@ class TunedModel(nn.Module):
             raise ConfigError(f"adapters {found} all rewrite the model inputs; activate at most one of them at a time")
         return (self.adapters[found[0]].spec, self.input_modules[found[0]]) if found else None
 
+    def model_inputs(self, **kwargs: Any) -> dict[str, Any]:
+        """The keyword arguments `forward(**kwargs)` hands the wrapped model: rewritten by the active
+        input adapter (virtual-token embeddings, a prefix cache, a longer mask), else unchanged."""
+        found = self._active_input()
+        if found is None:
+            return dict(kwargs)
+        spec, module = found
+        return spec.prepare_inputs(self.model, dict(kwargs), module, "forward")
+
     @property
     def rewrites_inputs(self) -> bool:
         """True while an active adapter rewrites the model's inputs (code that calls the inner model

@@ -119,7 +119,8 @@ def causal_lm_loss(
     head = _plain_head(inner)
     backbone = getattr(inner, "base_model", None)
     shifted = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    if head is None or backbone is None or backbone is inner or getattr(model, "rewrites_inputs", False):
+    rewrites = getattr(model, "rewrites_inputs", False)
+    if head is None or backbone is None or backbone is inner or (rewrites and not hasattr(model, "model_inputs")):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, P + T, V)
         virtual = logits.shape[1] - input_ids.shape[1]
         if virtual > 0:  # prompt-learning adapters prepend P positions; the last one predicts token 0 (as peft)
@@ -130,8 +131,16 @@ def causal_lm_loss(
             logits.reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE_INDEX, reduction="sum"
         )
         return loss, (shifted != IGNORE_INDEX).sum()
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, T, H)
-    # position t predicts token t+1; the last position predicts nothing (ignored, never reaches the head)
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (B*T,)
-    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H), a view
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    if rewrites:  # an input adapter (prompt / P- / prefix tuning) rewrites what the model gets
+        call = model.model_inputs(**call)
+    hidden = backbone(**call).last_hidden_state  # (B, P + T, H); P = 0 unless virtual tokens were prepended
+    batch, virtual = labels.shape[0], hidden.shape[1] - input_ids.shape[1]
+    if virtual > 0:  # the last virtual position predicts token 0, position P + t predicts token t + 1 (as peft)
+        ignored = labels.new_full((batch, virtual - 1), IGNORE_INDEX)
+        targets = torch.cat((ignored, labels, labels.new_full((batch, 1), IGNORE_INDEX)), dim=1).reshape(-1)
+        shifted = labels.reshape(-1)
+    else:  # position t predicts token t + 1; the last position predicts nothing (it never reaches the head)
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (B*T,)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*(P+T), H), a view
     return fused_linear_cross_entropy(flat, head.weight, head.bias, targets), (shifted != IGNORE_INDEX).sum()
