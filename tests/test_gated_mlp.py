@@ -12,14 +12,25 @@ from deltatune.testing.tiny_models import TINY_MODELS, build_tiny
 LLAMA = TINY_MODELS["llama"]
 
 
-def _saved_bytes(fn) -> int:
+def _saved_bytes(fn, monkeypatch, params) -> int:
+    """Bytes of distinct non-parameter storage autograd keeps from one forward, recipes not counted."""
     storages: dict[int, int] = {}
+    skip = {p.untyped_storage().data_ptr() for p in params}
 
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    def record(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    plain_pack = gated_mlp._Recipe.pack
+
+    def recipe_pack(recipe, t):  # inside down_proj the recipe's hooks are on top: count what they keep as is
+        packed = plain_pack(recipe, t)
+        return record(packed) if packed is t else packed
+
+    monkeypatch.setattr(gated_mlp, "_outer_hooks_active", lambda: False)
+    monkeypatch.setattr(gated_mlp._Recipe, "pack", recipe_pack)
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
         fn()
     return sum(storages.values())
 
@@ -28,13 +39,25 @@ def _mlps(model):
     return [m for m in model.modules() if type(m).__name__.endswith("MLP")]
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
-def test_lean_mlp_gives_the_same_loss_and_gradients(targets):
+CONFIGS = {
+    "lora-qv": lambda: dt.LoraConfig(target_modules=["q_proj", "v_proj"], r=4),
+    "lora-all": lambda: dt.LoraConfig(target_modules="all-linear", r=4),
+    "ia3": lambda: dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_lean_mlp_gives_the_same_loss_and_gradients(name, checkpointing):
     inputs = LLAMA.make_inputs(0)
     runs = []
     for lean in (False, True):
         torch.manual_seed(0)
-        tuned = dt.get_tuned_model(build_tiny("llama"), dt.LoraConfig(target_modules=targets, r=4), lean_activations=lean)
+        model = build_tiny("llama")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+        tuned = dt.get_tuned_model(model, CONFIGS[name](), lean_activations=lean)
         contract.perturb(tuned)
         assert all(("forward" in m.__dict__) == lean for m in _mlps(tuned))
         loss = tuned(**inputs, labels=inputs["input_ids"]).loss
@@ -47,16 +70,18 @@ def test_lean_mlp_gives_the_same_loss_and_gradients(targets):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
 
-def test_lean_mlp_keeps_less_for_backward():
+@pytest.mark.parametrize(("name", "per_layer"), [("lora-qv", 1), ("lora-all", 2), ("ia3", 2)])
+def test_lean_mlp_keeps_less_for_backward(name, per_layer, monkeypatch):
+    """act(gate) is never kept; the product act(gate) * up neither, when an adapter on down_proj would keep it."""
     inputs = LLAMA.make_inputs(0)
     saved = {}
     for lean in (False, True):
-        tuned = dt.get_tuned_model(build_tiny("llama"), dt.LoraConfig(target_modules=["q_proj"], r=4), lean_activations=lean)
-        saved[lean] = _saved_bytes(lambda: tuned(**inputs, labels=inputs["input_ids"]).loss)
+        tuned = dt.get_tuned_model(build_tiny("llama"), CONFIGS[name](), lean_activations=lean)
+        saved[lean] = _saved_bytes(lambda: tuned(**inputs, labels=inputs["input_ids"]).loss, monkeypatch, tuned.parameters())
     config = build_tiny("llama").config
     tokens = inputs["input_ids"].numel()
-    one_per_layer = tokens * config.intermediate_size * 4 * config.num_hidden_layers  # act(gate), fp32
-    assert saved[False] - saved[True] == one_per_layer
+    one_per_layer = tokens * config.intermediate_size * 4 * config.num_hidden_layers  # fp32 (tokens, intermediate)
+    assert saved[False] - saved[True] == per_layer * one_per_layer
 
 
 def test_unload_restores_the_models_own_forward():
@@ -103,3 +128,13 @@ def test_install_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert any("forward" in m.__dict__ for m in _mlps(model))
     undo()
+
+
+def test_recipes_step_aside_for_other_saved_tensor_hooks():
+    """Under someone else's hooks (checkpointing, offloading) the product is handed to them as a tensor."""
+    inputs = LLAMA.make_inputs(0)
+    tuned = dt.get_tuned_model(build_tiny("llama"), CONFIGS["ia3"]())
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        tuned(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert packed and all(isinstance(t, torch.Tensor) for t in packed)

@@ -4,6 +4,8 @@ Autograd keeps three (tokens x intermediate) tensors per gated MLP for the backw
 `act(gate) * up`: the activation's input `gate`, its output `act(gate)` and `up`. Only `gate` and
 `up` are needed: the activation is one cheap elementwise op, recomputed in backward. On Llama
 shapes that is a third of the MLP's saved activations (5.4 MiB per layer at 1,024 tokens x 1,376).
+An adapter on `down_proj` (LoRA's A, IA3's input scale) would keep the product itself, a fourth
+such tensor; it is saved as a recipe over `gate` and `up` instead and recomputed when used.
 
 `install(model)` swaps the forward of each module that has `gate_proj`, `up_proj`, `down_proj` and
 `act_fn` for one that computes the product with `GatedProduct` — only after checking, on a small
@@ -43,7 +45,45 @@ class GatedProduct(torch.autograd.Function):
 
 
 def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(GatedProduct.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = GatedProduct.apply(gate, up, self.act_fn)
+    if not torch.is_grad_enabled() or _outer_hooks_active():
+        return self.down_proj(product)  # no autograd, or someone else (checkpointing, offloading) owns saved tensors
+    # What down_proj's adapters save of `product` (LoRA's A, IA3's scale keep their input) is
+    # stored as a recipe over gate and up, which GatedProduct keeps anyway, and recomputed on use.
+    recipe = _Recipe(gate.detach(), up.detach(), self.act_fn, product)
+    with torch.autograd.graph.saved_tensors_hooks(recipe.pack, _unpack):
+        return self.down_proj(product)
+
+
+def _outer_hooks_active() -> bool:
+    """Saved-tensor hooks are already installed (gradient checkpointing, CPU offloading): leave them be."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+class _Recipe:
+    """Saves views of one GatedProduct output as (gate, up, act, layout): no tensor of its own."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, act: Callable, product: torch.Tensor):
+        self.gate, self.up, self.act = gate, up, act
+        self.storage, self.dtype = product.untyped_storage().data_ptr(), product.dtype
+        self.shape = product.shape
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor.untyped_storage().data_ptr() != self.storage or tensor.dtype != self.dtype:
+            return tensor
+        return (self, tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+
+    def rebuild(self) -> torch.Tensor:
+        with torch.no_grad():
+            return (self.act(self.gate) * self.up).reshape(self.shape)
+
+
+def _unpack(saved):
+    if isinstance(saved, tuple) and len(saved) == 4 and isinstance(saved[0], _Recipe):
+        recipe, shape, stride, offset = saved
+        return recipe.rebuild().as_strided(shape, stride, offset)
+    return saved
 
 
 def _is_gated_mlp(module: nn.Module) -> bool:
