@@ -138,3 +138,31 @@ def test_recipes_step_aside_for_other_saved_tensor_hooks():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         tuned(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert packed and all(isinstance(t, torch.Tensor) for t in packed)
+
+
+class _GeluMLP(nn.Module):
+    """Gemma-style: the canonical wiring with a tanh-GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 4)
+        self.act_fn = nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize(("cls", "silu"), [(_GeluMLP, False), (lambda: build_tiny("llama").model.layers[0].mlp, True)])
+def test_any_activation_gets_exact_gradients(cls, silu):
+    torch.manual_seed(0)
+    module = nn.Sequential(cls())
+    width = module[0].gate_proj.in_features
+    x = torch.randn(2, 5, width, requires_grad=True)
+    own = torch.autograd.grad(module(x).square().sum(), [x, *module.parameters()])
+    undo = gated_mlp.install(module)
+    assert "forward" in module[0].__dict__ and module[0]._lean_silu is silu
+    lean = torch.autograd.grad(module(x).square().sum(), [x, *module.parameters()])
+    for ours, theirs in zip(lean, own):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    undo()
+    assert "forward" not in module[0].__dict__ and "_lean_silu" not in module[0].__dict__

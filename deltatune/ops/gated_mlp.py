@@ -21,21 +21,27 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class GatedProduct(torch.autograd.Function):
-    """act(gate) * up, saving only gate and up; act(gate) is recomputed in backward."""
+    """act(gate) * up, saving only gate and up; act(gate) is recomputed in backward.
+
+    `act=None` means SiLU, whose backward has a fused kernel (no autograd graph to rebuild)."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]):
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor] | None):
         ctx.act = act
         ctx.save_for_backward(gate, up)
-        return act(gate) * up
+        return (F.silu(gate) if act is None else act(gate)) * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
         need_gate, need_up = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.act is None:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
+            return grad_gate, grad * F.silu(gate) if need_up else None, None
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(need_gate)
             activated = ctx.act(leaf)
@@ -46,12 +52,13 @@ class GatedProduct(torch.autograd.Function):
 
 def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
-    product = GatedProduct.apply(gate, up, self.act_fn)
+    act = None if self.__dict__.get("_lean_silu") else self.act_fn
+    product = GatedProduct.apply(gate, up, act)
     if not torch.is_grad_enabled() or _outer_hooks_active():
         return self.down_proj(product)  # no autograd, or someone else (checkpointing, offloading) owns saved tensors
     # What down_proj's adapters save of `product` (LoRA's A, IA3's scale keep their input) is
     # stored as a recipe over gate and up, which GatedProduct keeps anyway, and recomputed on use.
-    recipe = _Recipe(gate.detach(), up.detach(), self.act_fn, product)
+    recipe = _Recipe(gate.detach(), up.detach(), act or F.silu, product)
     with torch.autograd.graph.saved_tensors_hooks(recipe.pack, _unpack):
         return self.down_proj(product)
 
@@ -115,17 +122,29 @@ def _same_output(module: nn.Module) -> bool:
         module.train(was_training)
 
 
+def _is_silu(act: Callable) -> bool:
+    """`act` computes SiLU exactly (checked on a probe, not trusted by name)."""
+    probe = torch.linspace(-8, 8, 257)
+    try:
+        with torch.no_grad():
+            return bool(torch.equal(act(probe), F.silu(probe)))
+    except Exception:
+        return False
+
+
 def install(model: nn.Module) -> Callable[[], None]:
     """Give every gated MLP of `model` the lean forward; returns the function that undoes it."""
     swapped: list[nn.Module] = []
     for module in model.modules():
         if "forward" in module.__dict__ or not _is_gated_mlp(module) or not _same_output(module):
             continue
+        module._lean_silu = _is_silu(module.act_fn)
         module.forward = types.MethodType(_lean_forward, module)
         swapped.append(module)
 
     def undo() -> None:
         for module in swapped:
             module.__dict__.pop("forward", None)
+            module.__dict__.pop("_lean_silu", None)
 
     return undo
