@@ -1,0 +1,40 @@
+"""The benchmark harness in its smoke mode (what CI runs of it: seconds, no timing asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_harness_smoke_suite_runs_both_libraries(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench.harness", "--suite", "smoke", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)  # fmt: skip
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    runs = report["runs"]
+    assert {(r["lib"], r["mode"]) for r in runs} == {
+        (lib, mode) for lib in ("deltatune", "peft") for mode in ("train", "infer-unmerged")
+    }
+    for run in runs:
+        assert len(run["times"]) == report["suite"]["steps"] and all(t > 0 for t in run["times"])
+        assert run["peak_mb"] > 0
+    trainable = {r["lib"]: r["trainable"] for r in runs if r["mode"] == "train"}
+    assert trainable["deltatune"] == trainable["peft"] > 0  # the same adapter on both sides
+    assert (tmp_path / "smoke.md").read_text().startswith("| tuner |")
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_inference_overhead_script_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.infer_overhead", "--model", "llama-tiny", "--batch", "2", "--seq", "16",
+         "--rounds", "2", "--threads", "1"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = out.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["deltatune", "peft"]
+    assert all("ratio" in line for line in lines)
