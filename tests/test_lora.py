@@ -172,3 +172,21 @@ def test_inference_adds_in_place_only_into_outputs_nobody_else_holds():
         torch.testing.assert_close(first(x), by_hand, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(held[0], copies[0], atol=0, rtol=0)  # what the hook holds is untouched
     torch.testing.assert_close(fast, tuned(x).detach(), atol=1e-6, rtol=1e-6)  # = the autograd path
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_autocast_over_an_fp32_model_trains(use_dora):
+    """bf16 autocast over fp32 weights (accelerate / Trainer mixed precision): same loss within bf16 error."""
+    tuned = dt.get_tuned_model(build_tiny("llama"), dt.LoraConfig(target_modules="all-linear", r=4, use_dora=use_dora))
+    contract.perturb(tuned)
+    inputs = LLAMA.make_inputs(0)
+    reference = tuned(**inputs, labels=inputs["input_ids"]).loss.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = tuned(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    torch.testing.assert_close(loss.float(), reference, atol=5e-2, rtol=2e-2)
+    grads = [p.grad for p in tuned.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in tuned.parameters() if p.requires_grad)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(tuned(**inputs).logits).all()

@@ -208,9 +208,9 @@ class LoraLinear(_LoraBase):
             # add rides on the GEMM; no (..., out) update tensor, no copy). Safe under autograd too:
             # y is fresh and linear's backward never reads its output.
             if not self.use_dora or plain_dropout:
-                summed = base.linear_2d(x)  # (N, out)
+                summed = base.linear_2d(x)  # (N, out); autocast may have made it bf16/fp16
                 xa = F.linear(dropped.reshape(-1, x.shape[-1]), a)  # (N, r)
-                summed.addmm_(xa, b.t(), alpha=self.scale)
+                summed.addmm_(xa.to(summed.dtype), b.to(summed.dtype).t(), alpha=self.scale)
         if summed is None:
             result = base(x)
             if result.dtype == x.dtype and (not self.use_dora or plain_dropout):  # one out-of-place addmm
