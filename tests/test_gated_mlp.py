@@ -1,5 +1,6 @@
 """Lean gated MLPs: same outputs and gradients as the model's own forward, fewer saved activations."""
 
+import copy as copy_module
 import pytest
 import torch
 from torch import nn
@@ -84,12 +85,17 @@ def test_lean_mlp_keeps_less_for_backward(name, per_layer, monkeypatch):
     assert saved[False] - saved[True] == per_layer * one_per_layer
 
 
-def test_unload_restores_the_models_own_forward():
+@pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
+def test_unload_restores_the_models_own_forward(how):
     model = build_tiny("llama")
     tuned = dt.get_tuned_model(model, dt.LoraConfig(target_modules=["q_proj"]))
     assert all("forward" in m.__dict__ for m in _mlps(model))
-    tuned.unload()
-    assert not any("forward" in m.__dict__ for m in _mlps(model))
+    copy = copy_module.deepcopy(tuned)  # a copy's MLPs are its own, restored by its own unload
+    returned = getattr(tuned, how)()
+    assert returned is model and not any("forward" in m.__dict__ for m in _mlps(model))
+    assert all("forward" in m.__dict__ for m in _mlps(copy.model))
+    getattr(copy, how)()
+    assert not any("forward" in m.__dict__ for m in _mlps(copy.model))
 
 
 class _OtherWiring(nn.Module):
@@ -116,18 +122,16 @@ class _WithDropout(_OtherWiring):
 @pytest.mark.parametrize("cls", [_OtherWiring, _WithDropout])
 def test_modules_that_compute_something_else_are_left_alone(cls):
     module = nn.Sequential(cls())
-    undo = gated_mlp.install(module)
+    assert gated_mlp.install(module) == 0
     assert "forward" not in module[0].__dict__
-    undo()
 
 
 def test_install_leaves_the_global_rng_alone():
     model = build_tiny("llama")
     state = torch.get_rng_state()
-    undo = gated_mlp.install(model)
+    assert gated_mlp.install(model) == model.config.num_hidden_layers
     assert torch.equal(torch.get_rng_state(), state)
-    assert any("forward" in m.__dict__ for m in _mlps(model))
-    undo()
+    assert all("forward" in m.__dict__ for m in _mlps(model))
 
 
 def test_recipes_step_aside_for_other_saved_tensor_hooks():
@@ -159,10 +163,10 @@ def test_any_activation_gets_exact_gradients(cls, silu):
     width = module[0].gate_proj.in_features
     x = torch.randn(2, 5, width, requires_grad=True)
     own = torch.autograd.grad(module(x).square().sum(), [x, *module.parameters()])
-    undo = gated_mlp.install(module)
+    assert gated_mlp.install(module) == 1
     assert "forward" in module[0].__dict__ and module[0]._lean_silu is silu
     lean = torch.autograd.grad(module(x).square().sum(), [x, *module.parameters()])
     for ours, theirs in zip(lean, own):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
-    undo()
+    gated_mlp.uninstall(module)
     assert "forward" not in module[0].__dict__ and "_lean_silu" not in module[0].__dict__

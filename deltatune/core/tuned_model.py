@@ -75,7 +75,7 @@ class TunedModel(nn.Module):
         for param in model.parameters():
             param.requires_grad_(False)
         # exact, and keeps a third less of each gated MLP's activations for backward (ops/gated_mlp.py)
-        self._undo_lean = gated_mlp.install(model) if lean_activations else None
+        self._lean = bool(lean_activations and gated_mlp.install(model))
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -362,9 +362,9 @@ class TunedModel(nn.Module):
         self.adapters.clear()
         self.input_modules.clear()
         self._active = []
-        if self._undo_lean is not None:
-            self._undo_lean()
-            self._undo_lean = None
+        if self._lean:
+            gated_mlp.uninstall(model)
+            self._lean = False
         return model
 
     # -- parameters ------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ such tensor; it is saved as a recipe over `gate` and `up` instead and recomputed
 `install(model)` swaps the forward of each module that has `gate_proj`, `up_proj`, `down_proj` and
 `act_fn` for one that computes the product with `GatedProduct` — only after checking, on a small
 random input in training mode, that the new forward gives the module's own output (a module whose
-forward does anything else, e.g. dropout or a different wiring, is left alone). It returns a
-function that restores every swapped forward.
+forward does anything else, e.g. dropout or a different wiring, is left alone). `uninstall(model)`
+restores every swapped forward.
 """
 
 from __future__ import annotations
@@ -132,19 +132,21 @@ def _is_silu(act: Callable) -> bool:
         return False
 
 
-def install(model: nn.Module) -> Callable[[], None]:
-    """Give every gated MLP of `model` the lean forward; returns the function that undoes it."""
-    swapped: list[nn.Module] = []
+def install(model: nn.Module) -> int:
+    """Give every gated MLP of `model` the lean forward; returns how many got it."""
+    count = 0
     for module in model.modules():
         if "forward" in module.__dict__ or not _is_gated_mlp(module) or not _same_output(module):
             continue
         module._lean_silu = _is_silu(module.act_fn)
         module.forward = types.MethodType(_lean_forward, module)
-        swapped.append(module)
+        count += 1
+    return count
 
-    def undo() -> None:
-        for module in swapped:
+
+def uninstall(model: nn.Module) -> None:
+    """Give every gated MLP of `model` (or of a copy of it) its own forward back."""
+    for module in model.modules():
+        if "_lean_silu" in module.__dict__:
             module.__dict__.pop("forward", None)
-            module.__dict__.pop("_lean_silu", None)
-
-    return undo
+            del module.__dict__["_lean_silu"]
