@@ -74,7 +74,6 @@ class _Recipe:
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, act: Callable, product: torch.Tensor):
         self.gate, self.up, self.act = gate, up, act
         self.storage, self.dtype = product.untyped_storage().data_ptr(), product.dtype
-        self.shape = product.shape
 
     def pack(self, tensor: torch.Tensor):
         if tensor.untyped_storage().data_ptr() != self.storage or tensor.dtype != self.dtype:
@@ -83,7 +82,7 @@ class _Recipe:
 
     def rebuild(self) -> torch.Tensor:
         with torch.no_grad():
-            return (self.act(self.gate) * self.up).reshape(self.shape)
+            return self.act(self.gate) * self.up  # the product's own shape and layout
 
 
 def _unpack(saved):

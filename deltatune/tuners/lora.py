@@ -202,18 +202,18 @@ class LoraLinear(_LoraBase):
         b = self.lora_B.weight.to(x.dtype)  # (out, r)
         dropped = self.dropout(x)
         plain_dropout = isinstance(self.dropout, nn.Identity)
+        fusable = not self.use_dora or plain_dropout  # DoRA regroups base + update only without dropout
         summed = None  # base(x) + s B A x, as (N, out), when one addmm can give it
-        if base.owns_output and x.dtype == base.weight_dtype:
+        if fusable and base.owns_output and x.dtype == base.weight_dtype:
             # A plain nn.Linear: y = x W^T + b, then y += s (x A^T) B^T in place (one addmm: the
             # add rides on the GEMM; no (..., out) update tensor, no copy). Safe under autograd too:
             # y is fresh and linear's backward never reads its output.
-            if not self.use_dora or plain_dropout:
-                summed = base.linear_2d(x)  # (N, out); autocast may have made it bf16/fp16
-                xa = F.linear(dropped.reshape(-1, x.shape[-1]), a)  # (N, r)
-                summed.addmm_(xa.to(summed.dtype), b.to(summed.dtype).t(), alpha=self.scale)
-        if summed is None:
+            summed = base.linear_2d(x)  # (N, out); autocast may have made it bf16/fp16
+            xa = F.linear(dropped.reshape(-1, x.shape[-1]), a)  # (N, r)
+            summed.addmm_(xa.to(summed.dtype), b.to(summed.dtype).t(), alpha=self.scale)
+        else:
             result = base(x)
-            if result.dtype == x.dtype and (not self.use_dora or plain_dropout):  # one out-of-place addmm
+            if fusable and result.dtype == x.dtype:  # any other layer: one out-of-place addmm
                 xa = F.linear(dropped, a).reshape(-1, a.shape[0])  # (N, r)
                 summed = torch.addmm(result.reshape(-1, result.shape[-1]), xa, b.t(), alpha=self.scale)
         if not self.use_dora:
