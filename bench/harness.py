@@ -42,7 +42,7 @@ def run_case(case: dict) -> dict | None:
 
 
 def cases_for(suite: dict) -> list[dict]:
-    base = {k: suite[k] for k in ("model", "batch", "seq", "warmup", "steps", "threads", "device", "dtype")}
+    base = {k: suite[k] for k in ("model", "batch", "seq", "warmup", "steps", "threads", "device", "dtype", "optim") if k in suite}
     plan = [(t, m) for t in suite["tuners"] for m in suite["modes"]]
     plan += [(t, m) for t in suite.get("infer_tuners", []) for m in ("infer-unmerged", "infer-merged")]
     cases = []

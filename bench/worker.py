@@ -67,7 +67,7 @@ def build_model(model_name: str, device: str, dtype: torch.dtype, quantize: str 
         return LlamaForCausalLM(config).to(dtype=dtype)
 
 
-def apply_tuner(model, lib: str, tuner: dict[str, Any]):
+def apply_tuner(model, lib: str, tuner: dict[str, Any], lean: bool = True):
     kind = tuner["kind"]
     fields = {k: v for k, v in tuner.items() if k not in ("kind", "checkpointing", "quantize")}
     if kind == "full":
@@ -89,45 +89,69 @@ def apply_tuner(model, lib: str, tuner: dict[str, Any]):
     import deltatune as dt
 
     cls = dt.get_spec({"prompt": "prompt_tuning", "prefix": "prefix_tuning"}.get(kind, kind)).config
-    return dt.get_tuned_model(model, cls(task_type="CAUSAL_LM", **fields))
+    return dt.get_tuned_model(model, cls(task_type="CAUSAL_LM", **fields), lean_activations=lean)
+
+
+def train_step(model, case: dict[str, Any], ids: torch.Tensor, optimizer) -> None:
+    """One forward + backward + optimizer step, the way each library trains."""
+    if case["lib"] == "deltatune" and case.get("loss", "fused") == "fused":
+        from deltatune.ops import causal_lm_loss
+
+        loss_sum, count = causal_lm_loss(model, ids, ids)  # deltatune's training loss path
+        loss = loss_sum / count
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def prepare(case: dict[str, Any]):
+    """(model, token batch, optimizer or None) for a case; A/B switches: "lean", "one_node" (default on), "optim", "compile"."""
+    device = case.get("device", "cpu")
+    torch.set_num_threads(int(case.get("threads", os.cpu_count() or 1)))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.get("dtype", "fp32")]
+    tuner = TUNERS[case["tuner"]]
+    if not case.get("one_node", True):  # A/B: LoRA training through separate autograd ops
+        import deltatune.tuners.lora as lora
+
+        lora._one_node = lambda *args: False
+    model = build_model(case["model"], device, dtype, tuner.get("quantize"))
+    if tuner.get("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = apply_tuner(model, case["lib"], tuner, lean=case.get("lean", True))
+    if case.get("compile"):  # the transformer stack, compiled in place, the same way for every library
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.model.compile()
+    gen = torch.Generator().manual_seed(0)
+    vocab = MODELS[case["model"]]["vocab_size"]
+    ids = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=gen).to(device)
+    optimizer = None
+    if case.get("mode", "train") == "train":
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        # "optim": "fused" (one kernel per step; the Hugging Face Trainer's default on a GPU with
+        # torch >= 2.8) or "default" (torch's choice: a foreach loop on a GPU, per tensor on a CPU)
+        fused = {"fused": True, "default": None}[case.get("optim", "default")]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
+    return model, ids, optimizer
 
 
 def main() -> None:
     case = json.loads(sys.argv[1])
     device = case.get("device", "cpu")
-    torch.set_num_threads(int(case.get("threads", os.cpu_count() or 1)))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.get("dtype", "fp32")]
-    tuner = TUNERS[case["tuner"]]
-    model = build_model(case["model"], device, dtype, tuner.get("quantize"))
-    if tuner.get("checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = apply_tuner(model, case["lib"], tuner)
+    model, ids, optimizer = prepare(case)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    gen = torch.Generator().manual_seed(0)
-    vocab = MODELS[case["model"]]["vocab_size"]
-    ids = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=gen).to(device)
     mode = case.get("mode", "train")
     times: list[float] = []
     if mode == "train":
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
         for step in range(case["warmup"] + case["steps"]):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            if case["lib"] == "deltatune" and case.get("loss", "fused") == "fused":
-                from deltatune.ops import causal_lm_loss
-
-                loss_sum, count = causal_lm_loss(model, ids, ids)  # deltatune's training loss path
-                loss = loss_sum / count
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            train_step(model, case, ids, optimizer)
             if device == "cuda":
                 torch.cuda.synchronize()
             if step >= case["warmup"]:

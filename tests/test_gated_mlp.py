@@ -1,6 +1,7 @@
 """Lean gated MLPs: same outputs and gradients as the model's own forward, fewer saved activations."""
 
 import copy as copy_module
+
 import pytest
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def test_lean_mlp_keeps_less_for_backward(name, per_layer, monkeypatch):
     saved = {}
     for lean in (False, True):
         tuned = dt.get_tuned_model(build_tiny("llama"), CONFIGS[name](), lean_activations=lean)
-        saved[lean] = _saved_bytes(lambda: tuned(**inputs, labels=inputs["input_ids"]).loss, monkeypatch, tuned.parameters())
+        saved[lean] = _saved_bytes(lambda t=tuned: t(**inputs, labels=inputs["input_ids"]).loss, monkeypatch, tuned.parameters())
     config = build_tiny("llama").config
     tokens = inputs["input_ids"].numel()
     one_per_layer = tokens * config.intermediate_size * 4 * config.num_hidden_layers  # fp32 (tokens, intermediate)

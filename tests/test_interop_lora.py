@@ -55,7 +55,7 @@ def test_peft_adapter_loads_in_deltatune(tmp_path, model_name, variant):
     theirs = peft.get_peft_model(tiny.fresh(), config)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, param in theirs.named_parameters():
+        for _name, param in theirs.named_parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=gen) * 0.1)
     theirs.eval()

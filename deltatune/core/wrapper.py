@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from deltatune import backends
 from deltatune.backends import LayerInfo
@@ -84,6 +84,11 @@ class BaseCall:
         """The plain nn.Linear on x flattened to (N, in): (N, out). Only when `owns_output`."""
         layer = self._wrapper.base_layer
         return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+
+    def linear_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The plain nn.Linear's own (weight, bias), to compute it inside a fused op. Only when `owns_output`."""
+        layer = self._wrapper.base_layer
+        return layer.weight, layer.bias
 
     def weight(self) -> torch.Tensor:
         """Dense base weight in canonical layout (dequantized for quantized layers)."""

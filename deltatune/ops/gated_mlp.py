@@ -11,7 +11,9 @@ such tensor; it is saved as a recipe over `gate` and `up` instead and recomputed
 `act_fn` for one that computes the product with `GatedProduct` — only after checking, on a small
 random input in training mode, that the new forward gives the module's own output (a module whose
 forward does anything else, e.g. dropout or a different wiring, is left alone). `uninstall(model)`
-restores every swapped forward.
+restores every swapped forward. Under `torch.compile` the lean forward computes the plain product:
+the compiler's own partitioner decides what to keep and recompute, and saved-tensor hooks would
+break its graph at every MLP.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class GatedProduct(torch.autograd.Function):
 
 def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
+    if torch.compiler.is_compiling():  # the compiler plans what to save and recompute itself
+        return self.down_proj(self.act_fn(gate) * up)
     act = None if self.__dict__.get("_lean_silu") else self.act_fn
     product = GatedProduct.apply(gate, up, act)
     if not torch.is_grad_enabled() or _outer_hooks_active():

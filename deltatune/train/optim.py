@@ -37,7 +37,13 @@ def build_optimizer(
         groups = [g for g in groups if g["params"]]
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
-    # foreach=False: the same kernel order on every run, which bit-identical resume relies on.
+    # On a GPU, the fused kernel: one launch per step instead of ~10 per tensor (a LoRA on every
+    # linear layer of a 1B model has hundreds of tensors). Elsewhere the per-tensor loop. Both run
+    # the same kernels in the same order on every run, which bit-identical resume relies on.
+    params = [p for group in groups for p in group["params"]]
+    fused = all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    if fused:
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=False)
 
 

@@ -39,6 +39,7 @@ from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
 from deltatune.core.wrapper import BaseCall
+from deltatune.ops.lora_linear import lora_linear
 
 
 @dataclass(kw_only=True)
@@ -177,6 +178,16 @@ class _LoraBase(nn.Module):
         raise ConfigError(f"init_lora_weights={self.init!r} is only supported on linear layers")
 
 
+def _one_node(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Use `lora_linear` (one autograd node): gradients are recorded, the base is frozen, no autocast."""
+    return (
+        torch.is_grad_enabled()
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
 class LoraLinear(_LoraBase):
     """Low-rank update of a linear map with canonical weight (out_features, in_features)."""
 
@@ -198,8 +209,7 @@ class LoraLinear(_LoraBase):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale  # (out, in)
 
     def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
-        a = self.lora_A.weight.to(x.dtype)  # (r, in): cast the small weights, not the activations
-        b = self.lora_B.weight.to(x.dtype)  # (out, r)
+        master_a, master_b = self.lora_A.weight, self.lora_B.weight  # fp32 masters, cast per use below
         dropped = self.dropout(x)
         plain_dropout = isinstance(self.dropout, nn.Identity)
         fusable = not self.use_dora or plain_dropout  # DoRA regroups base + update only without dropout
@@ -208,18 +218,26 @@ class LoraLinear(_LoraBase):
             # A plain nn.Linear: y = x W^T + b, then y += s (x A^T) B^T in place (one addmm: the
             # add rides on the GEMM; no (..., out) update tensor, no copy). Safe under autograd too:
             # y is fresh and linear's backward never reads its output.
-            summed = base.linear_2d(x)  # (N, out); autocast may have made it bf16/fp16
-            xa = F.linear(dropped.reshape(-1, x.shape[-1]), a)  # (N, r)
-            summed.addmm_(xa.to(summed.dtype), b.to(summed.dtype).t(), alpha=self.scale)
+            weight, bias = base.linear_parameters()
+            flat, extra = x.reshape(-1, x.shape[-1]), None if plain_dropout else dropped.reshape(-1, x.shape[-1])
+            if _one_node(x, weight, bias):  # training: one autograd node; x's two gradients summed in place
+                summed = lora_linear(flat, extra, weight, bias, master_a, master_b, self.scale)
+            else:
+                summed = base.linear_2d(x)  # (N, out); autocast may have made it bf16/fp16
+                xa = F.linear(flat if extra is None else extra, master_a.to(x.dtype))  # (N, r): cast the small weights
+                summed.addmm_(xa.to(summed.dtype), master_b.to(summed.dtype).t(), alpha=self.scale)
         else:
             result = base(x)
             if fusable and result.dtype == x.dtype:  # any other layer: one out-of-place addmm
-                xa = F.linear(dropped, a).reshape(-1, a.shape[0])  # (N, r)
+                xa = F.linear(dropped, master_a.to(x.dtype)).reshape(-1, master_a.shape[0])  # (N, r)
+                b = master_b.to(x.dtype)
                 summed = torch.addmm(result.reshape(-1, result.shape[-1]), xa, b.t(), alpha=self.scale)
         if not self.use_dora:
             if summed is not None:
                 return summed.view(*x.shape[:-1], summed.shape[-1])
-            return result + F.linear(F.linear(dropped, a), b * self.scale)  # the base returned another dtype
+            update = F.linear(F.linear(dropped, master_a.to(x.dtype)), master_b.to(x.dtype) * self.scale)
+            return result + update  # the base returned another dtype
+        a, b = master_a.to(x.dtype), master_b.to(x.dtype)  # (r, in), (out, r)
         weight = base.weight().to(x.dtype)  # (out, in)
         with torch.no_grad():
             norm = self._dora_norm(weight, (b * self.scale) @ a)  # (out,), a constant in backward (DoRA section 4.3)

@@ -179,6 +179,12 @@ def test_optimizer_state_round_trips_through_json_and_safetensors():
     assert clone.param_groups[1]["lr"] == 4e-2
 
 
+def test_optimizer_loops_per_tensor_off_the_gpu():
+    """Fused AdamW only when every tensor is on a GPU; elsewhere the per-tensor loop (same kernels each run)."""
+    opt = build_optimizer([("w", torch.nn.Parameter(torch.randn(3)))], lr=1e-3, weight_decay=0.0, loraplus_lr_ratio=None)
+    assert opt.defaults["foreach"] is False and not opt.defaults["fused"]
+
+
 def test_rng_state_round_trips():
     import random
 
