@@ -22,6 +22,9 @@ MODELS: dict[str, dict[str, Any]] = {
     # a small config for CI smoke runs
     "llama-tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    # deep and narrow: per-layer framework overhead dominates (as in token-by-token decoding)
+    "llama-overhead": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=16,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
     # GPU config: Llama ~1B
     "llama1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),

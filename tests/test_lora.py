@@ -190,3 +190,18 @@ def test_autocast_over_an_fp32_model_trains(use_dora):
     assert all(p.dtype == torch.float32 for p in tuned.parameters() if p.requires_grad)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(tuned(**inputs).logits).all()
+
+
+def test_a_linear_whose_weight_left_its_parameters_takes_the_general_path():
+    """Some quantizers replace `weight` with a plain tensor attribute: the fast path must not read `_parameters`."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5)
+    weight = layer.weight.detach().clone()
+    del layer.weight
+    layer.weight = weight  # a plain attribute now, as e.g. some quantizers leave it
+    tuned = dt.get_tuned_model(torch.nn.Sequential(layer), dt.LoraConfig(target_modules=["0"], r=2, init_lora_weights=False))
+    delta = tuned.model[0].deltas["default"]
+    x = torch.randn(3, 6)
+    expected = x @ weight.T + layer.bias + delta.scale * (x @ delta.lora_A.weight.T) @ delta.lora_B.weight.T
+    assert tuned.model[0].base_layer._parameters.get("weight") is None
+    torch.testing.assert_close(tuned(x), expected, atol=1e-6, rtol=1e-6)

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
 from deltatune import backends
 from deltatune.backends import LayerInfo
@@ -61,34 +60,19 @@ class BaseCall:
     def info(self) -> LayerInfo:
         return self._wrapper.layer_info
 
-    @property
-    def owns_output(self) -> bool:
-        """True when this call is a plain nn.Linear with no hooks and no overrides: `linear_2d` then
-        returns a fresh (N, out) tensor nobody else holds, which a delta may add into in place."""
-        layer = self._wrapper.base_layer
-        return (
-            self._fn is None
-            and not self._overrides
-            and not self._args
-            and not self._kwargs
-            and type(layer) is nn.Linear
-            and not (layer._forward_hooks or layer._forward_pre_hooks)
-        )
-
-    @property
-    def weight_dtype(self) -> torch.dtype | None:
-        weight = getattr(self._wrapper.base_layer, "weight", None)
-        return weight.dtype if isinstance(weight, torch.Tensor) else None
-
-    def linear_2d(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain nn.Linear on x flattened to (N, in): (N, out). Only when `owns_output`."""
-        layer = self._wrapper.base_layer
-        return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
-
-    def linear_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The plain nn.Linear's own (weight, bias), to compute it inside a fused op. Only when `owns_output`."""
-        layer = self._wrapper.base_layer
-        return layer.weight, layer.bias
+    def plain_linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) when this call is a plain nn.Linear with no hooks, overrides or extra
+        arguments, else None. Then `F.linear(x, weight, bias)` is exactly what calling it computes,
+        into a fresh tensor nobody else holds, which a delta may add into in place."""
+        if self._fn is not None or self._overrides or self._args or self._kwargs:
+            return None
+        layer = self._wrapper._modules["base_layer"]  # the hot path: no nn.Module.__getattr__
+        if type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
+            return None
+        params = layer._parameters
+        if "weight" not in params or "bias" not in params or params["weight"] is None:
+            return None  # weight or bias moved out of the parameters (some quantizers do that)
+        return params["weight"], params["bias"]
 
     def weight(self) -> torch.Tensor:
         """Dense base weight in canonical layout (dequantized for quantized layers)."""
@@ -110,7 +94,7 @@ class BaseCall:
 
 def replaces_parameters(delta: nn.Module) -> bool:
     """True for a delta that replaces base parameters (has `overrides()`) instead of chaining."""
-    return callable(getattr(delta, "overrides", None))
+    return callable(getattr(type(delta), "overrides", None))  # on the class: no nn.Module.__getattr__ miss
 
 
 class ParamOverride(nn.Module):
@@ -196,12 +180,17 @@ class DeltaWrapper(nn.Module):
             if self.merged:
                 raise RuntimeError("adapters are merged into this layer; unmerge them before disabling adapters")
             return self.base_layer(*args, **kwargs)
-        live = [self.deltas[n] for n in self.active if n not in self.merged and n in self.deltas]
+        deltas = self._modules["deltas"]._modules  # the hot path: no nn.Module.__getattr__
         overrides: dict[str, torch.Tensor] = {}
-        for delta in live:
+        chained = []
+        for name in self.active:
+            delta = deltas.get(name)
+            if delta is None or name in self.merged:
+                continue
             if replaces_parameters(delta):
                 overrides.update(delta.overrides())
-        chained = [delta for delta in live if not replaces_parameters(delta)]
+            else:
+                chained.append(delta)
         if not chained:  # whatever the base layer takes (some take no tensor at all)
             if overrides:
                 return functional_call(self.base_layer, overrides, args, kwargs)
@@ -218,9 +207,9 @@ class DeltaWrapper(nn.Module):
             kwargs = dict(kwargs)
             x, rest = kwargs.pop(key), ()
         call = BaseCall(self, None, rest, kwargs, overrides)
-        for delta in chained:
+        for delta in chained[:-1]:
             call = call.then(delta)
-        return call(x)
+        return chained[-1](x, call)  # = call.then(chained[-1])(x), one frame less
 
     # -- merge ----------------------------------------------------------------------------------
     def _merged(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, object]]:

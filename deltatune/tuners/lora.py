@@ -188,6 +188,11 @@ def _one_node(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     )
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, skipping the call when it is one already (a per-layer, per-call saving)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class LoraLinear(_LoraBase):
     """Low-rank update of a linear map with canonical weight (out_features, in_features)."""
 
@@ -210,22 +215,24 @@ class LoraLinear(_LoraBase):
 
     def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
         master_a, master_b = self.lora_A.weight, self.lora_B.weight  # fp32 masters, cast per use below
-        dropped = self.dropout(x)
-        plain_dropout = isinstance(self.dropout, nn.Identity)
+        dropout = self.dropout
+        plain_dropout = isinstance(dropout, nn.Identity)
+        dropped = x if plain_dropout else dropout(x)
         fusable = not self.use_dora or plain_dropout  # DoRA regroups base + update only without dropout
         summed = None  # base(x) + s B A x, as (N, out), when one addmm can give it
-        if fusable and base.owns_output and x.dtype == base.weight_dtype:
+        plain = base.plain_linear() if fusable else None
+        if plain is not None and x.dtype == plain[0].dtype:
             # A plain nn.Linear: y = x W^T + b, then y += s (x A^T) B^T in place (one addmm: the
             # add rides on the GEMM; no (..., out) update tensor, no copy). Safe under autograd too:
             # y is fresh and linear's backward never reads its output.
-            weight, bias = base.linear_parameters()
+            weight, bias = plain
             flat, extra = x.reshape(-1, x.shape[-1]), None if plain_dropout else dropped.reshape(-1, x.shape[-1])
             if _one_node(x, weight, bias):  # training: one autograd node; x's two gradients summed in place
                 summed = lora_linear(flat, extra, weight, bias, master_a, master_b, self.scale)
             else:
-                summed = base.linear_2d(x)  # (N, out); autocast may have made it bf16/fp16
-                xa = F.linear(flat if extra is None else extra, master_a.to(x.dtype))  # (N, r): cast the small weights
-                summed.addmm_(xa.to(summed.dtype), master_b.to(summed.dtype).t(), alpha=self.scale)
+                summed = F.linear(flat, weight, bias)  # (N, out); autocast may have made it bf16/fp16
+                xa = F.linear(flat if extra is None else extra, _cast(master_a, x.dtype))  # (N, r): cast the small weights
+                summed.addmm_(_cast(xa, summed.dtype), _cast(master_b, summed.dtype).t(), alpha=self.scale)
         else:
             result = base(x)
             if fusable and result.dtype == x.dtype:  # any other layer: one out-of-place addmm
