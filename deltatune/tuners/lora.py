@@ -39,7 +39,7 @@ from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
 from deltatune.core.wrapper import BaseCall
-from deltatune.ops.lora_linear import lora_linear
+from deltatune.ops.lora_linear import cast, lora_linear
 
 
 @dataclass(kw_only=True)
@@ -188,11 +188,6 @@ def _one_node(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     )
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor.to(dtype)`, skipping the call when it is one already (a per-layer, per-call saving)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
 class LoraLinear(_LoraBase):
     """Low-rank update of a linear map with canonical weight (out_features, in_features)."""
 
@@ -231,8 +226,8 @@ class LoraLinear(_LoraBase):
                 summed = lora_linear(flat, extra, weight, bias, master_a, master_b, self.scale)
             else:
                 summed = F.linear(flat, weight, bias)  # (N, out); autocast may have made it bf16/fp16
-                xa = F.linear(flat if extra is None else extra, _cast(master_a, x.dtype))  # (N, r): cast the small weights
-                summed.addmm_(_cast(xa, summed.dtype), _cast(master_b, summed.dtype).t(), alpha=self.scale)
+                xa = F.linear(flat if extra is None else extra, cast(master_a, x.dtype))  # (N, r): cast the small weights
+                summed.addmm_(cast(xa, summed.dtype), cast(master_b, summed.dtype).t(), alpha=self.scale)
         else:
             result = base(x)
             if fusable and result.dtype == x.dtype:  # any other layer: one out-of-place addmm
