@@ -60,10 +60,6 @@ def pretrained_folder(model_name: str) -> str:
     return str(prepare({"smollm2": SMOLLM2}[model_name], log=lambda *args: None))
 
 
-def vocab_size(model) -> int:
-    return model.config.vocab_size
-
-
 def build_model(model_name: str, device: str, dtype: torch.dtype, quantize: str | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -148,7 +144,7 @@ def prepare(case: dict[str, Any]):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.model.compile()
     gen = torch.Generator().manual_seed(0)
-    vocab = vocab_size(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    vocab = (model.get_base_model() if hasattr(model, "get_base_model") else model).config.vocab_size
     ids = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=gen).to(device)
     optimizer = None
     if case.get("mode", "train") == "train":

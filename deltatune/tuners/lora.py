@@ -215,6 +215,7 @@ class LoraLinear(_LoraBase):
         dropped = x if plain_dropout else dropout(x)
         fusable = not self.use_dora or plain_dropout  # DoRA regroups base + update only without dropout
         summed = None  # base(x) + s B A x, as (N, out), when one addmm can give it
+        a = b = None  # A and B in x's dtype, cast once by whichever path below needs them
         plain = base.plain_linear() if fusable else None
         if plain is not None and x.dtype == plain[0].dtype:
             # A plain nn.Linear: y = x W^T + b, then y += s (x A^T) B^T in place (one addmm: the
@@ -222,24 +223,25 @@ class LoraLinear(_LoraBase):
             # y is fresh and linear's backward never reads its output.
             weight, bias = plain
             flat, extra = x.reshape(-1, x.shape[-1]), None if plain_dropout else dropped.reshape(-1, x.shape[-1])
-            if _one_node(x, weight, bias):  # training: one autograd node; x's two gradients summed in place
+            if _one_node(x, weight, bias):  # training: one autograd node (it casts A and B itself)
                 summed = lora_linear(flat, extra, weight, bias, master_a, master_b, self.scale)
             else:
+                a = cast(master_a, x.dtype)  # (r, in): cast the small weights, not the activations
                 summed = F.linear(flat, weight, bias)  # (N, out); autocast may have made it bf16/fp16
-                xa = F.linear(flat if extra is None else extra, cast(master_a, x.dtype))  # (N, r): cast the small weights
+                xa = F.linear(flat if extra is None else extra, a)  # (N, r)
                 summed.addmm_(cast(xa, summed.dtype), cast(master_b, summed.dtype).t(), alpha=self.scale)
         else:
+            a, b = cast(master_a, x.dtype), cast(master_b, x.dtype)  # (r, in), (out, r)
             result = base(x)
             if fusable and result.dtype == x.dtype:  # any other layer: one out-of-place addmm
-                xa = F.linear(dropped, master_a.to(x.dtype)).reshape(-1, master_a.shape[0])  # (N, r)
-                b = master_b.to(x.dtype)
+                xa = F.linear(dropped, a).reshape(-1, a.shape[0])  # (N, r)
                 summed = torch.addmm(result.reshape(-1, result.shape[-1]), xa, b.t(), alpha=self.scale)
         if not self.use_dora:
             if summed is not None:
                 return summed.view(*x.shape[:-1], summed.shape[-1])
-            update = F.linear(F.linear(dropped, master_a.to(x.dtype)), master_b.to(x.dtype) * self.scale)
-            return result + update  # the base returned another dtype
-        a, b = master_a.to(x.dtype), master_b.to(x.dtype)  # (r, in), (out, r)
+            return result + F.linear(F.linear(dropped, a), b * self.scale)  # the base returned another dtype
+        if a is None or b is None:
+            a, b = cast(master_a, x.dtype), cast(master_b, x.dtype)
         weight = base.weight().to(x.dtype)  # (out, in)
         with torch.no_grad():
             norm = self._dora_norm(weight, (b * self.scale) @ a)  # (out,), a constant in backward (DoRA section 4.3)
