@@ -236,10 +236,11 @@ class LoraLinear(_LoraBase):
             if fusable and result.dtype == x.dtype:  # any other layer: one out-of-place addmm
                 xa = F.linear(dropped, a).reshape(-1, a.shape[0])  # (N, r)
                 summed = torch.addmm(result.reshape(-1, result.shape[-1]), xa, b.t(), alpha=self.scale)
+        # no single addmm (another output dtype, or DoRA with dropout): the update as its own tensor;
+        # A and B were cast above, since only the plain-linear branch sets `summed`
+        update = None if summed is not None else F.linear(F.linear(dropped, a), b * self.scale)  # (..., out)
         if not self.use_dora:
-            if summed is not None:
-                return summed.view(*x.shape[:-1], summed.shape[-1])
-            return result + F.linear(F.linear(dropped, a), b * self.scale)  # the base returned another dtype
+            return result + update if summed is None else summed.view(*x.shape[:-1], summed.shape[-1])
         if a is None or b is None:
             a, b = cast(master_a, x.dtype), cast(master_b, x.dtype)
         weight = base.weight().to(x.dtype)  # (out, in)
@@ -250,7 +251,6 @@ class LoraLinear(_LoraBase):
             # result + (ratio - 1) (W x) + ratio * update, with W x = result - bias, regrouped:
             out = (summed * ratio).view(*x.shape[:-1], summed.shape[-1])
             return out if base.bias is None else out + (1 - ratio) * base.bias.to(out.dtype)
-        update = F.linear(F.linear(dropped, a), b * self.scale)  # (..., out)
         if plain_dropout:
             out = (result + update) * ratio
             return out if base.bias is None else out + (1 - ratio) * base.bias.to(out.dtype)
