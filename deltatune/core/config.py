@@ -59,6 +59,8 @@ class TunerConfig:
     """Fields `peft` does not know; saved to deltatune_config.json so `peft` loads our files cleanly."""
     unsupported_peft_keys: ClassVar[dict[str, Any]] = {}
     """peft-only keys accepted only while they hold their neutral value (given here)."""
+    run_defaults: ClassVar[dict[str, Any]] = {}
+    """Values `deltatune sft` uses for fields the user leaves unset (a library call keeps the field defaults)."""
 
     task_type: str | None = None
     """What the model is trained for (peft's TaskType names: CAUSAL_LM, SEQ_CLS, ...)."""

@@ -31,8 +31,9 @@ class TrainArgs:
     """Dataset spec: catalogue names or local files, comma-separated, each optionally NAME#N."""
     tuner: str = "lora"
     """Tuner registry name."""
-    tuner_args: dict[str, Any] = field(default_factory=lambda: {"r": 8, "lora_alpha": 16})
-    """Fields of the tuner's config (KEY=VALUE,...); target_modules defaults to the model's entry."""
+    tuner_args: dict[str, Any] = field(default_factory=dict)
+    """Fields of the tuner's config (KEY=VALUE,...); unset ones take the tuner's defaults (LoRA: r=8,
+    lora_alpha=16) and target_modules the model's registry entry."""
     output_dir: str | None = None
     """Run folder (checkpoints, logs, adapter); default runs/<model>-<tuner>-<time>."""
     max_steps: int | None = 90

@@ -37,7 +37,7 @@ def config_from_args(tuner: str, tuner_args: dict[str, Any], defaults: dict[str,
             f"--tuner-args: unknown {spec.name} field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
         )
     kwargs = dict(tuner_args)
-    for name, value in defaults.items():
+    for name, value in {**spec.config.run_defaults, **defaults}.items():
         if name in valid and kwargs.get(name) is None:
             kwargs[name] = value
     try:

@@ -56,6 +56,7 @@ class LoraConfig(TunerConfig):
         "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
         "ensure_weight_tying": False,
     }  # fmt: skip
+    run_defaults = {"lora_alpha": 16}  # the demo's scale of 2 at r=8
 
     r: int = 8
     """Rank of the update; trainable values per target = r * (in + out)."""

@@ -29,6 +29,7 @@ class PartConfig(TunerConfig):
 
     tuner_name = "part"
     peft_type = "PART"
+    run_defaults = {"target_parameters": r".*\.(layers|h|layer|blocks)\.0\..*"}  # the first block
     sidecar_fields = frozenset(
         {"target_parameters", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}
     )

@@ -37,6 +37,7 @@ class PromptLearningConfig(TunerConfig):
     """Fields shared by the virtual-token tuners (peft's PromptLearningConfig)."""
 
     sidecar_fields = frozenset(_MODULE_FIELDS)
+    run_defaults = {"num_virtual_tokens": 20}
 
     num_virtual_tokens: int | None = None
     """Number of virtual tokens V (required, > 0)."""

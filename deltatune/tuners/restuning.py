@@ -54,6 +54,10 @@ class ResTuningConfig(TunerConfig):
 
     tuner_name = "restuning"
     peft_type = "RESTUNING"
+    run_defaults = {  # every block feeds the bypass, which replaces the final norm's input
+        "stem_modules": r".*\.(layers|h|layer|blocks)\.\d+",
+        "target_modules": r"(model\.norm|transformer\.ln_f|vit\.layernorm)",
+    }
 
     dims: list[int] | int | None = None
     """Width of the tapped activations (one per stem, all equal); unset: the model config's hidden_size."""

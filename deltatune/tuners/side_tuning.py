@@ -43,6 +43,7 @@ class SideTuningConfig(TunerConfig):
 
     tuner_name = "side_tuning"
     peft_type = "SIDE_TUNING"
+    run_defaults = {"target_modules": r"(model\.norm|transformer\.ln_f|vit\.layernorm)"}  # the final norm
 
     side_hidden_size: int = 64
     """Width of the side network's hidden layer."""
