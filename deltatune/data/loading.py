@@ -246,16 +246,45 @@ def load_rows(
     return rows, report
 
 
-def train_val_split(rows: Sequence[T], val_size: float | int, seed: int = 42) -> tuple[list[T], list[T]]:
+DEFAULT_VAL_ROWS = 200
+"""Held-out rows of a run that does not choose: this many, at most a fifth of the data."""
+
+
+def choose_val_size(n_rows: int, val_size: float | int | None) -> tuple[float | int, str | None]:
+    """(held-out size to use, a note saying what was chosen or None) for `n_rows` valid rows.
+
+    None means the default: DEFAULT_VAL_ROWS rows, capped at a fifth of the data so small files
+    keep most of their rows for training (none held out below 5 rows). An explicit size is used
+    as given (train_val_split refuses an impossible one).
+    """
+    if val_size is not None:
+        return val_size, None
+    chosen = min(DEFAULT_VAL_ROWS, n_rows // 5)
+    if chosen == DEFAULT_VAL_ROWS:
+        return chosen, None
+    if chosen == 0:
+        return 0, f"held-out split: none ({n_rows} rows are too few to hold any out; set --val-size to choose)"
+    return chosen, (
+        f"held-out split: {chosen} of {n_rows} rows (the default {DEFAULT_VAL_ROWS}, capped at a fifth of the data; "
+        "set --val-size to choose)"
+    )
+
+
+def train_val_split(rows: Sequence[T], val_size: float | int | None, seed: int = 42) -> tuple[list[T], list[T]]:
     """Deterministic shuffle-and-split: same rows, size and seed give the same split.
 
     Args:
-        val_size: a fraction in (0, 1) (rounded, at least one row) or a row count >= 1.
+        val_size: a fraction in (0, 1) (rounded, at least one row) or a row count >= 1; None: the
+            default of choose_val_size.
 
     Raises:
         DataError: the split would leave the training or validation side empty.
     """
     n = len(rows)
+    if val_size is None:
+        val_size = choose_val_size(n, None)[0]
+        if not val_size:
+            return list(rows), []
     if isinstance(val_size, float) and not isinstance(val_size, bool):
         if not 0.0 < val_size < 1.0:
             raise DataError(f"val_size as a fraction must be in (0, 1), got {val_size}")
@@ -265,7 +294,10 @@ def train_val_split(rows: Sequence[T], val_size: float | int, seed: int = 42) ->
     else:
         raise DataError(f"val_size must be a fraction in (0, 1) or a count >= 1, got {val_size!r}")
     if n_val >= n:
-        raise DataError(f"val_size={val_size!r} leaves no training rows out of {n}")
+        raise DataError(
+            f"--val-size {val_size!r} leaves no training rows out of {n}; give a smaller count or a fraction "
+            "(e.g. 0.1), or leave it unset to hold out a fifth of small data"
+        )
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]

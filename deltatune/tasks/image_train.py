@@ -231,7 +231,7 @@ def _check_args(args) -> None:
     bad = [flag for flag, given in refused if given]
     if bad:
         raise ConfigError(f"--task image-classification does not support {', '.join(bad)}; drop it")
-    if not args.val_size:
+    if args.val_size == 0:
         raise ConfigError("--task image-classification needs held-out rows for accuracy: --val-size must be > 0")
 
 
@@ -272,7 +272,8 @@ def train_image_classifier(args, *, log: Callable[[str], None] = print) -> Image
         prepare_output_dir(out, resume=False, overwrite=args.overwrite)
         notes: list[str] = []
         rows = _image_rows(args.dataset, args.seed)
-        val_size = int(args.val_size) if args.val_size >= 1 else float(args.val_size)
+        requested = 200 if args.val_size is None else args.val_size  # capped below on small data
+        val_size = int(requested) if requested >= 1 else float(requested)
         if isinstance(val_size, int) and val_size > len(rows) // 2:
             capped = max(1, len(rows) // 4)
             notes.append(f"--val-size {val_size} leaves too few training rows of {len(rows)}: using {capped}")

@@ -64,8 +64,9 @@ class TrainArgs:
     """Cut each batch in two by length and accumulate (same rows, same update, less padding)."""
     group_by_length: bool = False
     """Batch rows of similar length together (much less padding; changes which rows share a step)."""
-    val_size: float = 200
-    """Held-out rows: a count >= 1 or a fraction in (0, 1); 0 disables evaluation."""
+    val_size: float | None = None
+    """Held-out rows: a count >= 1 or a fraction in (0, 1); 0 disables evaluation. Unset: 200 rows,
+    at most a fifth of the data (the run says what it chose)."""
     save_steps: int = 50
     """Write a checkpoint every N steps (and always at the end)."""
     save_total_limit: int = 2
@@ -122,7 +123,7 @@ class TrainArgs:
             raise ConfigError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio!r}")
         if self.max_length < 8:
             raise ConfigError(f"max_length must be >= 8, got {self.max_length}")
-        if not (
+        if self.val_size is not None and not (
             self.val_size == 0 or 0 < self.val_size < 1 or (self.val_size >= 1 and self.val_size == int(self.val_size))
         ):
             raise ConfigError(f"val_size must be 0, a fraction in (0, 1) or a row count, got {self.val_size!r}")

@@ -30,14 +30,15 @@ from deltatune.core.config import ConfigError
 from deltatune.core.tuned_model import TunedModel, get_tuned_model
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.args import TrainArgs, stable_hash
+from deltatune.tasks.base import TaskData, describe
+from deltatune.tasks.registry import get_task
 from deltatune.train.data import StepData, fingerprint
 from deltatune.train.errors import DivergedError, GradientCheckError, Interrupted, NothingToDo, ResumeError
-from deltatune.train.evaluate import evaluate_loss, generate_answers, token_loss_sum
 from deltatune.train.faults import maybe_fault
 from deltatune.train.metrics import MetricsLog, plot_losses
 from deltatune.train.optim import build_optimizer, lr_factor, set_lr, trainable_parameters
 from deltatune.train.outdir import RunLock, prepare_output_dir
-from deltatune.train.setup import build_tuner_config, diff, structural
+from deltatune.train.setup import build_tuner_config, config_from_args, diff, structural
 
 
 @dataclass
@@ -55,14 +56,6 @@ class TrainResult:
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     is_main_process: bool = True
-
-
-@dataclass
-class _Data:
-    train: list[dict]
-    val: list[dict]
-    prompts: list[list[dict[str, str]]]
-    references: list[str]
 
 
 def _default_output_dir(args: TrainArgs) -> Path:
@@ -88,31 +81,6 @@ def _resolve_dirs(args: TrainArgs) -> tuple[Path, Path | None]:
             raise ResumeError("--resume needs --output-dir (or --resume RUN_FOLDER)")
         out = _default_output_dir(args)
     return out, explicit
-
-
-def _load_data(args: TrainArgs, tokenizer: Any, log) -> _Data:
-    from deltatune.data import encode_rows, load_rows, train_val_split
-
-    rows, report = load_rows(args.dataset, seed=args.seed)
-    log(report.summary())
-    if args.val_size:
-        val_size = int(args.val_size) if args.val_size >= 1 else float(args.val_size)
-        train_rows, val_rows = train_val_split(rows, val_size, seed=args.seed)
-    else:
-        train_rows, val_rows = list(rows), []
-    train, enc_report = encode_rows(tokenizer, train_rows, max_length=args.max_length)
-    log(enc_report.summary())
-    val, _ = encode_rows(tokenizer, val_rows, max_length=args.max_length) if val_rows else ([], None)
-    prompts, references = [], []
-    for row in val_rows:
-        if len(prompts) == args.num_samples or "messages" not in row:
-            break
-        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        prompt, answer = row["messages"][:last], row["messages"][last]["content"]
-        if len(prompt[-1]["content"].split()) >= 2 and len(answer.split()) >= 2:  # skip "2" -> "'" style rows
-            prompts.append(prompt)
-            references.append(answer)
-    return _Data(train, val, prompts, references)
 
 
 def _accelerator(args: TrainArgs):
@@ -147,16 +115,15 @@ def train(
         OutputDirError, ResumeError, NothingToDo: output folder / resume problems.
         DivergedError, GradientCheckError: training guards. Interrupted: SIGTERM/SIGINT, saved.
     """
-    from deltatune.models import get_model_spec, load_model, load_tokenizer, resolve_model
+    from deltatune.models import get_model_spec
 
     started = time.time()
     args.validate()
-    if args.task != "causal-lm":
-        raise ConfigError(
-            f"train() runs causal-lm; for task {args.task!r} use deltatune.tasks.image_train.train_image_classifier"
-        )
+    task = get_task(args.task)
+    if hasattr(task, "check_args"):
+        task.check_args(args)
     model_spec = get_model_spec(args.model) if model is None else None
-    config = build_tuner_config(args.tuner, args.tuner_args, model_spec)  # validated before any load
+    build_tuner_config(args.tuner, args.tuner_args, model_spec)  # validated before anything loads
     out, explicit = _resolve_dirs(args)
     accelerator = _accelerator(args)
     is_main = accelerator.is_main_process
@@ -167,30 +134,35 @@ def train(
             prepare_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
         accelerator.wait_for_everyone()
 
-        # -- data (tokenizer first: tokenization is validated before the model loads) -----------
-        source = None
-        if model is None or tokenizer is None:
-            source, _ = resolve_model(args.model, log=say)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code)
+        # -- data (processor first: the data is validated before the model loads) -----------------
+        processor = task.load_processor(args, say, given=tokenizer)
         if train_examples is None:
-            data = _load_data(args, tokenizer, say)
+            data = task.prepare_data(args, processor, say)
         else:
-            data = _Data(list(train_examples), list(val_examples or []), [], [])
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            data = TaskData(list(train_examples), list(val_examples or []))
         steps = StepData(
-            data.train, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, pad_id=pad_id,
+            data.train, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
             world_size=accelerator.num_processes, rank=accelerator.process_index, group_by_length=args.group_by_length,
-            split_by_length=args.split_by_length,
+            split_by_length=args.split_by_length, collate_fn=task.collate, length=getattr(task, "length", None),
         )  # fmt: skip
         total = args.total_steps(steps.steps_per_epoch)
         layout = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "world_size": accelerator.num_processes,
                   "group_by_length": args.group_by_length, "split_by_length": args.split_by_length}  # fmt: skip
         data_fp = fingerprint(data.train, {"seed": args.seed, **layout})
-        template = getattr(tokenizer, "chat_template", None) or ""
+
+        # -- model (new heads and adapters are seeded; the tuner config may depend on the model) ----
+        torch.manual_seed(args.seed)
+        if model is None:
+            say(f"loading {args.model} ...")
+            model = task.load_model(args, data, say)
+        if isinstance(model, TunedModel):
+            config = model.peft_config[model.active_adapters[0]]
+        else:
+            config = config_from_args(args.tuner, args.tuner_args, task.tuner_defaults(args, model, model_spec))
+        task_shape = task.structural() if hasattr(task, "structural") else {}
         shape = structural(
-            config, model=args.model, tuner=args.tuner, max_length=args.max_length,
-            chat_template_sha256=stable_hash(template),
+            config, task=args.task, model=args.model, tuner=args.tuner, max_length=args.max_length, **task_shape,
+            **{k: v for k, v in data.info.items() if k in ("num_labels", "labels", "image_size")},
         )  # fmt: skip
         config_hash = stable_hash(shape)
 
@@ -233,14 +205,7 @@ def train(
             else:
                 metrics.path.unlink()
 
-        # -- model ----------------------------------------------------------------------------------
-        torch.manual_seed(args.seed)  # adapter init
-        if model is None:
-            say(f"loading {args.model} ...")
-            model = load_model(
-                source, dtype=args.dtype, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
-                task_type=getattr(config, "task_type", None) or "CAUSAL_LM",
-            )  # fmt: skip
+        # -- adapter --------------------------------------------------------------------------------
         tuned = model if isinstance(model, TunedModel) else get_tuned_model(model, config)
         if getattr(tuned, "config", None) is not None and hasattr(tuned.config, "use_cache"):
             tuned.config.use_cache = False
