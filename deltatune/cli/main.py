@@ -19,13 +19,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-from deltatune.cli.errors import INTERNAL, OK, exit_code
+from deltatune.cli.errors import INTERNAL, OK, describe, exit_code
 from deltatune.core.config import field_docs
+from deltatune.tasks.registry import task_names
 from deltatune.train.args import TrainArgs
+
+TASK_NAMES = task_names()
 
 # Flags of `sft`, in help order, as (flag, TrainArgs field, argparse options).
 _SFT_FLAGS: list[tuple[str, str, dict]] = [
-    ("--task", "task", {"choices": ["causal-lm", "image-classification"]}),
+    ("--task", "task", {"choices": list(TASK_NAMES)}),
     ("--model", "model", {}),
     ("--dataset", "dataset", {}),
     ("--tuner", "tuner", {}),
@@ -47,6 +50,8 @@ _SFT_FLAGS: list[tuple[str, str, dict]] = [
     ("--save-steps", "save_steps", {"type": int}),
     ("--save-total-limit", "save_total_limit", {"type": int}),
     ("--eval-steps", "eval_steps", {"type": int}),
+    ("--packing", "packing", {"action": argparse.BooleanOptionalAction}),
+    ("--report-to", "report_to", {"choices": ["tensorboard", "wandb", "mlflow"]}),
     ("--resume", "resume", {"nargs": "?", "const": True, "metavar": "PATH"}),
     ("--overwrite", "overwrite", {"action": "store_true"}),
     ("--gradient-checkpointing", "gradient_checkpointing", {"action": "store_true"}),
@@ -67,6 +72,17 @@ def _add_common_model_flags(parser: argparse.ArgumentParser, *, adapter: str | N
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run (off by default)"
     )
+    _add_threads_flag(parser)
+
+
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores this process may use)",
+    )  # fmt: skip
+
+
+_COMPUTING = ("sft", "infer", "eval", "export")  # commands that run the model: --threads, and the policy line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--num-epochs", type=float, help=docs.get("num_epochs"))
     for flag, name, options in _SFT_FLAGS:
         sft.add_argument(flag, dest=name, help=docs.get(name), **options)
+    _add_threads_flag(sft)
 
     infer = sub.add_parser("infer", help="answer prompts with a model (+ adapter)")
     _add_common_model_flags(infer)
@@ -166,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deltatune.cli import commands
 
         handler = getattr(commands, f"run_{ns.command}")
+        if ns.command in _COMPUTING:
+            from deltatune.runtime import apply_thread_policy
+
+            apply_thread_policy(vars(ns).pop("threads", None))
         if ns.command == "sft":
             return handler(sft_args(ns)) or OK
         import torch
@@ -188,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return INTERNAL
-        print(f"deltatune: {first}", file=sys.stderr)
+        print(f"deltatune: {describe(err)}", file=sys.stderr)
         return code
 
 

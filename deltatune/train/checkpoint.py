@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltatune.train.errors import ResumeError
+from deltatune.train.errors import ResumeError, SaveError, write_failure
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -221,8 +222,16 @@ def save_checkpoint(root: Path, step: int, write_files, meta: dict[str, Any], *,
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_files(tmp)
-        write_manifest(tmp, {"step": step, **meta})
+        try:
+            write_files(tmp)
+            write_manifest(tmp, {"step": step, **meta})
+        except (OSError, SafetensorError) as err:
+            why, code = write_failure(err)
+            raise SaveError(
+                f"could not write checkpoint {final.name} in {root}: {why}; free disk space and continue with "
+                "--resume (the checkpoints already there are intact)",
+                code,
+            ) from err
         if final.exists():  # same step saved before (a resumed run re-saving): replace it
             old = root / f".old-step-{step}-{os.getpid()}"
             os.replace(final, old)

@@ -26,18 +26,17 @@ from typing import Any
 
 import torch
 
-from deltatune.core.config import ConfigError
 from deltatune.core.tuned_model import TunedModel, get_tuned_model
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.args import TrainArgs, stable_hash
-from deltatune.tasks.base import TaskData, describe
+from deltatune.tasks.base import TaskData, headline
 from deltatune.tasks.registry import get_task
 from deltatune.train.data import StepData, fingerprint
 from deltatune.train.errors import DivergedError, GradientCheckError, Interrupted, NothingToDo, ResumeError
 from deltatune.train.faults import maybe_fault
 from deltatune.train.metrics import MetricsLog, plot_losses
 from deltatune.train.optim import build_optimizer, lr_factor, set_lr, trainable_parameters
-from deltatune.train.outdir import RunLock, prepare_output_dir
+from deltatune.train.outdir import RunLock, missing_outputs, prepare_output_dir, save_final_adapter
 from deltatune.train.setup import build_tuner_config, config_from_args, diff, structural
 
 
@@ -158,7 +157,11 @@ def train(
         if isinstance(model, TunedModel):
             config = model.peft_config[model.active_adapters[0]]
         else:
-            config = config_from_args(args.tuner, args.tuner_args, task.tuner_defaults(args, model, model_spec))
+            defaults = task.tuner_defaults(args, model, model_spec)
+            tuner_args = dict(args.tuner_args)
+            if defaults.get("modules_to_save") and tuner_args.get("modules_to_save"):  # a task's new head always trains
+                tuner_args["modules_to_save"] = list(dict.fromkeys([*tuner_args["modules_to_save"], *defaults["modules_to_save"]]))
+            config = config_from_args(args.tuner, tuner_args, defaults)
         task_shape = task.structural() if hasattr(task, "structural") else {}
         shape = structural(
             config, task=args.task, model=args.model, tuner=args.tuner, max_length=args.max_length, **task_shape,
@@ -188,14 +191,18 @@ def train(
                         f"cannot resume {found[0]}: the training data changed ({extra}); exact resume needs "
                         "the same dataset, seed and batch layout"
                     )
-                if found[1]["step"] >= total:
+                missing = missing_outputs(out, plot=args.plot) if found[1]["step"] >= total else []
+                if missing:  # killed, or the disk filled, between the last checkpoint and the outputs
+                    say(f"{found[0].name} is the run's last step; writing what is missing ({', '.join(missing)})")
+                elif found[1]["step"] >= total:
                     raise NothingToDo(
                         f"nothing to do: {found[0]} is at step {found[1]['step']} and max_steps is {total}; "
                         "raise --max-steps / --num-epochs to train further"
                     )
         if is_main:
             ckpt.remove_stale_temps(checkpoints)
-            ckpt.write_json(out / "run.json", {"args": _jsonable(args), "structural": shape, "layout": layout})
+            ckpt.write_json(out / "run.json", {"args": _jsonable(args), "structural": shape, "layout": layout,
+                                               "task": args.task, "data": data.info})  # fmt: skip
         metrics = MetricsLog(out / "logs.jsonl")
         start_step = found[1]["step"] if found else 0
         if is_main and metrics.path.exists():
@@ -221,6 +228,9 @@ def train(
             _restore(found[0], tuned, optimizer, param_names, accelerator)
             say(f"resumed from {found[0]} (step {start_step})")
         trainable, all_params = tuned.get_nb_trainable_parameters()
+        adapter = tuned.adapters[tuned.active_adapters[0]]
+        saved = f" + {', '.join(adapter.saved_modules)} trained in full" if getattr(adapter, "saved_modules", None) else ""
+        say(f"{args.tuner} on {len(adapter.targets)} modules{saved}")
         say(f"trainable params: {trainable:,d} of {all_params:,d} ({100 * trainable / all_params:.3f}%)")
         tuned.to(accelerator.device)
         prepared, optimizer = accelerator.prepare(tuned, optimizer)
@@ -229,19 +239,21 @@ def train(
         result = TrainResult(output_dir=out, adapter_dir=out / "adapter", steps=start_step, resumed_from=start_step)
         result.is_main_process = is_main
         if found is None:
-            result.eval_before = _evaluate(tuned, data, args, pad_id, device) if is_main else None
-            before = _answers(tuned, tokenizer, data, args, device) if is_main else []
+            result.eval_before = task.evaluate(tuned, data, args, device) if is_main else None
+            before = _samples(task, tuned, data, args, device) if is_main else []
             if result.eval_before and is_main:
                 metrics.write({"event": "eval", "step": 0, **result.eval_before})
-            if is_main:
-                metrics.write({"event": "samples", "step": 0, "answers": before})
+            if is_main and before:
+                metrics.write({"event": "samples", "step": 0, "answers": [s["output"] for s in before], "samples": before})
         else:
-            result.eval_before = next((r for r in metrics.read() if r.get("event") == "eval" and r["step"] == 0), None)
-            before = next((r["answers"] for r in metrics.read() if r.get("event") == "samples" and r["step"] == 0), [])
+            records = metrics.read()
+            result.eval_before = next(
+                ({k: v for k, v in r.items() if k not in ("event", "step")} for r in records
+                 if r.get("event") == "eval" and r["step"] == 0), None
+            )  # fmt: skip
+            before = next((r.get("samples", []) for r in records if r.get("event") == "samples" and r["step"] == 0), [])
         if result.eval_before:
-            say(
-                f"held-out loss before: {result.eval_before['loss']:.4f} (perplexity {result.eval_before['perplexity']:.2f})"
-            )
+            say(headline(result.eval_before, "before"))
         accelerator.wait_for_everyone()
 
         # -- steps -----------------------------------------------------------------------------------
@@ -256,16 +268,16 @@ def train(
             for step in range(start_step, total):
                 t0 = time.time()
                 micro = [{k: v.to(device) for k, v in mb.items()} for mb in steps.micro_batches(step)]
-                local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
-                global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=device), "sum"))
+                local_units = sum(task.units(mb) for mb in micro)  # supervised tokens, rows, ...
+                global_units = int(accelerator.reduce(torch.tensor(local_units, device=device), "sum"))
                 loss_sum = torch.zeros((), device=device)
                 for i, batch in enumerate(micro):
                     sync = i == len(micro) - 1
                     with _no_sync(accelerator, prepared, sync), accelerator.autocast():
-                        part, _ = token_loss_sum(prepared, batch)
-                        accelerator.backward(part / max(global_tokens, 1) * accelerator.num_processes)
+                        part = task.loss_sum(prepared, batch)
+                        accelerator.backward(part / max(global_units, 1) * accelerator.num_processes)
                     loss_sum += part.detach().float()
-                loss = float(accelerator.reduce(loss_sum, "sum")) / max(global_tokens, 1)
+                loss = float(accelerator.reduce(loss_sum, "sum")) / max(global_units, 1)
                 grad_norm = _clip(accelerator, [p for _, p in named], args.max_grad_norm)
                 number = step + 1
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -293,20 +305,21 @@ def train(
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 elapsed = time.time() - t0
-                tokens = sum(int(mb["attention_mask"].sum()) for mb in micro) * accelerator.num_processes
+                kind, size = _throughput(micro)
+                size *= accelerator.num_processes
                 cursor = steps.cursor(step)
                 record = {"event": "train", "step": number, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9), "epoch": cursor.epoch,
+                          kind: size, f"{kind}_per_s": size / max(elapsed, 1e-9), "epoch": cursor.epoch,
                           "seconds": elapsed}  # fmt: skip
                 result.losses.append(loss)
                 if is_main:
                     metrics.write(record)
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{f"{kind[:3]}_s": f"{record[f'{kind}_per_s']:.0f}"})
                     progress.update(1)
                 result.steps = number
                 maybe_fault("after_step", number)
                 if args.eval_steps and number % args.eval_steps == 0 and number < total and data.val and is_main:
-                    metrics.write({"event": "eval", "step": number, **_evaluate(tuned, data, args, pad_id, device)})
+                    metrics.write({"event": "eval", "step": number, **task.evaluate(tuned, data, args, device)})
                 if number % args.save_steps == 0 or number == total or stop["signal"]:
                     accelerator.wait_for_everyone()
                     if is_main:
@@ -324,18 +337,17 @@ def train(
 
         # -- after ----------------------------------------------------------------------------------
         if is_main:
-            result.eval_after = _evaluate(tuned, data, args, pad_id, device)
+            result.eval_after = task.evaluate(tuned, data, args, device)
             if result.eval_after:
                 metrics.write({"event": "eval", "step": total, **result.eval_after})
-                say(
-                    f"held-out loss after:  {result.eval_after['loss']:.4f} (perplexity {result.eval_after['perplexity']:.2f})"
-                )
-            after = _answers(tuned, tokenizer, data, args, device)
-            for prompt, reference, a, b in zip(data.prompts, data.references, before, after):
-                result.samples.append(
-                    {"prompt": prompt[-1]["content"], "reference": reference, "before": a, "after": b}
-                )
+                say(headline(result.eval_after, "after"))
+            after = _samples(task, tuned, data, args, device)
+            for a, b in zip(before, after):
+                result.samples.append({"prompt": a["prompt"], "reference": a.get("reference", ""),
+                                       "before": a["output"], "after": b["output"]})  # fmt: skip
             _save_adapter(tuned, out / "adapter")
+            if hasattr(task, "finish"):
+                task.finish(tuned, out, data, args, say)
             if args.plot:
                 result.plot = plot_losses(metrics.read(), out / "loss.png")
             result.losses = [loss for _, loss in metrics.train_losses()]
@@ -355,16 +367,18 @@ def _jsonable(args: TrainArgs) -> dict[str, Any]:
     }
 
 
-def _evaluate(model, data: _Data, args: TrainArgs, pad_id: int, device) -> dict[str, float] | None:
-    if not data.val:
-        return None
-    return evaluate_loss(model, data.val, batch_size=args.batch_size, pad_id=pad_id, device=device)
-
-
-def _answers(model, tokenizer, data: _Data, args: TrainArgs, device) -> list[str]:
-    if not data.prompts or args.num_samples == 0:
+def _samples(task, model, data: TaskData, args: TrainArgs, device) -> list[dict[str, str]]:
+    """The task's sample outputs ({"prompt", "reference", "output"}), if it has any."""
+    if not hasattr(task, "samples") or args.num_samples == 0:
         return []
-    return generate_answers(model, tokenizer, data.prompts, max_new_tokens=args.max_new_tokens, device=device)
+    return task.samples(model, data, args, device)
+
+
+def _throughput(micro: list[dict[str, torch.Tensor]]) -> tuple[str, int]:
+    """("tokens", real tokens) for token batches, else ("rows", rows) of a step's micro-batches."""
+    if all("attention_mask" in mb for mb in micro):
+        return "tokens", sum(int(mb["attention_mask"].sum()) for mb in micro)
+    return "rows", sum(len(next(iter(mb.values()))) for mb in micro)
 
 
 class _NullContext:
@@ -463,20 +477,5 @@ def _restore(folder: Path, tuned: TunedModel, optimizer, param_names: list[str],
 
 
 def _save_adapter(tuned: TunedModel, final: Path) -> None:
-    """The final PEFT-format adapter, written beside and renamed into place."""
-    import os
-    import shutil
-
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tuned.save_pretrained(tmp, selected_adapters=[tuned.active_adapters[0]])
-    for path in tmp.iterdir():
-        ckpt.fsync_file(path)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    ckpt.fsync_dir(final.parent)
+    """The final PEFT-format adapter, written beside and renamed into place (a failed write cleans up)."""
+    save_final_adapter(tuned, final)

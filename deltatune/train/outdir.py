@@ -70,6 +70,8 @@ def prepare_output_dir(folder: Path, *, resume: bool, overwrite: bool) -> None:
     """
     if folder.exists() and not folder.is_dir():
         raise OutputDirError(f"--output-dir {folder} is a file; give a folder")
+    if resume:
+        remove_stale_outputs(folder)
     if is_empty(folder) or resume:
         return
     if not overwrite:
@@ -87,3 +89,65 @@ def prepare_output_dir(folder: Path, *, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+# -- the run's final outputs -----------------------------------------------------------------------
+ADAPTER_DIR = "adapter"
+_STALE_PREFIXES = (f".{ADAPTER_DIR}.tmp-", f".{ADAPTER_DIR}.old-")
+
+
+def remove_stale_outputs(folder: Path) -> list[str]:
+    """Delete temporary folders a killed or failed final save left in a run folder; their names."""
+    removed = []
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name.startswith(_STALE_PREFIXES) and child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name)
+    return sorted(removed)
+
+
+def missing_outputs(folder: Path, *, plot: bool) -> list[str]:
+    """What a finished run should hold but this folder lacks (the adapter's files, loss.png)."""
+    adapter = folder / ADAPTER_DIR
+    missing = [f"{ADAPTER_DIR}/{name}" for name in ("adapter_config.json", "adapter_model.safetensors")
+               if not (adapter / name).is_file()]  # fmt: skip
+    if plot and not (folder / "loss.png").is_file():
+        missing.append("loss.png")
+    return missing
+
+
+def save_final_adapter(tuned, final: Path) -> None:
+    """The final PEFT-format adapter, written beside `final`, fsynced and renamed into place.
+
+    Raises:
+        SaveError: the write failed (disk full, ...); the temporary folder is removed and an adapter
+            already at `final` is left as it was.
+    """
+    from safetensors import SafetensorError
+
+    from deltatune.train import checkpoint as ckpt
+    from deltatune.train.errors import SaveError, write_failure
+
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tuned.save_pretrained(tmp, selected_adapters=[tuned.active_adapters[0]])
+        for path in tmp.iterdir():
+            ckpt.fsync_file(path)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        ckpt.fsync_dir(final.parent)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why, code = write_failure(err)
+        raise SaveError(
+            f"could not write the final adapter {final}: {why}; free disk space and run again with --resume "
+            f"--output-dir {final.parent} (it writes the adapter from the last checkpoint)",
+            code,
+        ) from err
