@@ -47,6 +47,7 @@ _SFT_FLAGS: list[tuple[str, str, dict]] = [
     ("--split-by-length", "split_by_length", {"action": argparse.BooleanOptionalAction}),
     ("--group-by-length", "group_by_length", {"action": argparse.BooleanOptionalAction}),
     ("--val-size", "val_size", {"type": float}),
+    ("--max-bad-fraction", "max_bad_fraction", {"type": float}),
     ("--save-steps", "save_steps", {"type": int}),
     ("--save-total-limit", "save_total_limit", {"type": int}),
     ("--eval-steps", "eval_steps", {"type": int}),

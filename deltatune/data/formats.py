@@ -100,7 +100,8 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
 
     Raises:
         RowError: wrong types, null or missing role/content, empty turns, unknown roles,
-            system turn not first, no user turn before the first assistant turn, no assistant turn.
+            system turn not first, no user turn before the first assistant turn, no assistant turn,
+            a last turn that is not the assistant's.
     """
     if not isinstance(messages, list):
         raise RowError("wrong_type", f"field 'messages' is {_type_name(messages)}")
@@ -129,6 +130,8 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         raise RowError("no_assistant_turn", "nothing to learn from: no assistant turn")
     if roles[0] != "user":
         raise RowError("bad_turn_order", "first non-system turn is not a user turn")
+    if roles[-1] != "assistant":  # the trailing user turn would have no answer to learn
+        raise RowError("ends_with_user_turn", f"messages[{len(clean) - 1}] (the last turn) is a user turn")
     return clean
 
 

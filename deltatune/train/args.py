@@ -14,9 +14,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from deltatune.core.config import ConfigError
+from deltatune.tasks.registry import task_names
 
 SCHEDULERS = ("cosine", "linear", "constant")
-TASKS = ("causal-lm", "image-classification")
+TASKS = task_names()
 
 
 @dataclass(kw_only=True)
@@ -24,7 +25,8 @@ class TrainArgs:
     """Arguments of one fine-tuning run (`deltatune.train.train(TrainArgs(...))`)."""
 
     task: str = "causal-lm"
-    """causal-lm (chat/instruction data) or image-classification (digits, fashion-mnist, image files)."""
+    """What to fine-tune for (deltatune/tasks/registry.py): causal-lm (chat/instruction data), pretrain (raw text),
+    sequence-classification, token-classification, seq2seq, image-classification, text-to-image, image-to-text."""
     model: str = "smollm2-135m-instruct"
     """Base model: a registry name (`deltatune models`), a local folder, or a hub id."""
     dataset: str = "chatterbot-en"
@@ -64,6 +66,9 @@ class TrainArgs:
     """Cut each batch in two by length and accumulate (same rows, same update, less padding)."""
     group_by_length: bool = False
     """Batch rows of similar length together (much less padding; changes which rows share a step)."""
+    max_bad_fraction: float = 0.5
+    """Largest share of invalid rows a data source may have (they are skipped and counted); above it the
+    run stops with the per-reason report. 0: any invalid row stops the run."""
     val_size: float | None = None
     """Held-out rows: a count >= 1 or a fraction in (0, 1); 0 disables evaluation. Unset: 200 rows,
     at most a fifth of the data (the run says what it chose)."""
@@ -72,7 +77,12 @@ class TrainArgs:
     save_total_limit: int = 2
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
     eval_steps: int | None = None
-    """Evaluate held-out loss every N steps (always before and after training)."""
+    """Evaluate the task's held-out metrics every N steps (always before and after training)."""
+    packing: bool = False
+    """causal-lm / pretrain: concatenate examples into rows of max_length tokens; attention and positions
+    restart per example (no cross-contamination), far less padding."""
+    report_to: str | None = None
+    """Also send metrics to tensorboard, wandb or mlflow (accelerate trackers); logs.jsonl and loss.png stay."""
     resume: str | bool = False
     """Continue from the newest valid checkpoint (of output_dir, or of the given run/checkpoint folder)."""
     overwrite: bool = False
@@ -123,6 +133,8 @@ class TrainArgs:
             raise ConfigError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio!r}")
         if self.max_length < 8:
             raise ConfigError(f"max_length must be >= 8, got {self.max_length}")
+        if not (isinstance(self.max_bad_fraction, (int, float)) and 0 <= self.max_bad_fraction <= 1):
+            raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction!r}")
         if self.val_size is not None and not (
             self.val_size == 0 or 0 < self.val_size < 1 or (self.val_size >= 1 and self.val_size == int(self.val_size))
         ):
@@ -133,6 +145,8 @@ class TrainArgs:
             raise ConfigError(f"quantize must be 4bit or 8bit, got {self.quantize!r}")
         if not isinstance(self.tuner_args, dict):
             raise ConfigError(f"tuner_args must be a mapping, got {type(self.tuner_args).__name__}")
+        if self.report_to not in (None, "tensorboard", "wandb", "mlflow"):
+            raise ConfigError(f"report_to must be tensorboard, wandb or mlflow, got {self.report_to!r}")
         if self.overwrite and self.resume:
             raise ConfigError("--resume and --overwrite exclude each other; pick one")
 
