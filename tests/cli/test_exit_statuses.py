@@ -44,8 +44,9 @@ def test_disk_full_during_a_checkpoint(tiny_assets, tmp_path, monkeypatch, capsy
 @pytest.fixture(scope="module")
 def exploding_adapter(tiny_assets, tmp_path_factory):
     """A LoRA adapter whose values are finite but whose merged weights overflow to inf."""
-    import deltatune as dt
     from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
 
     model_dir, _ = tiny_assets
     tuned = dt.get_tuned_model(
