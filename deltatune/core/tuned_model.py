@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.core import inject
+from deltatune.core import inject, peft_api, rows
 from deltatune.core.config import ConfigError, TunerConfig, check_adapter_name
 from deltatune.core.hooks import HookSet
 from deltatune.core.registry import TunerSpec, spec_for_config
 from deltatune.core.wrapper import DeltaWrapper, MergeError, ModulesToSave, QuantizedMergeError
-from deltatune.ops import gated_mlp
+from deltatune.ops import fused_forward, gated_mlp
 
 _AUTO_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
 
@@ -55,9 +56,18 @@ class TunedModel(nn.Module):
 
     merge_report: Any = None
     """The DequantizeReport of the last merge_and_unload(dequantize=True), else None."""
+    fused_loss: bool = True
+    """In training mode, `forward(..., labels=...)` on a causal LM computes the loss in chunks over the
+    frozen head (deltatune/ops/fused_forward.py) and returns `logits=None`; False: the standard forward."""
 
     def __init__(
-        self, model: nn.Module, config: TunerConfig | None, adapter_name: str = "default", *, lean_activations: bool = True
+        self,
+        model: nn.Module,
+        config: TunerConfig | None,
+        adapter_name: str = "default",
+        *,
+        lean_activations: bool = True,
+        fused_loss: bool = True,
     ):
         super().__init__()
         if isinstance(model, TunedModel) or _is_wrapped(model):
@@ -72,6 +82,7 @@ class TunedModel(nn.Module):
         self.adapters: dict[str, Adapter] = {}
         self._active: list[str] = []
         self._disabled = False
+        self.fused_loss = fused_loss
         for param in model.parameters():
             param.requires_grad_(False)
         # exact, and keeps a third less of each gated MLP's activations for backward (ops/gated_mlp.py)
@@ -90,15 +101,27 @@ class TunedModel(nn.Module):
             return getattr(self.model, name)
 
     # -- forward / generate ---------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward. `adapter_names` (peft's meaning): one adapter name per row,
+        "__base__" for the base model; see deltatune.core.rows."""
+        if adapter_names is not None:
+            with self._mixed_rows(adapter_names):
+                return self.forward(*args, **kwargs)
         found = self._active_input()
-        if found is None:
-            return self.model(*args, **kwargs)
-        spec, module = found
-        kwargs = spec.prepare_inputs(self.model, _keywords(self.model.forward, args, kwargs), module, "forward")
-        return self.model(**kwargs)
+        if found is not None:
+            spec, module = found
+            kwargs = spec.prepare_inputs(self.model, _keywords(self.model.forward, args, kwargs), module, "forward")
+            args = ()
+        if self.fused_loss and self.training and kwargs.get("labels") is not None:  # see ops/fused_forward.py
+            fused = fused_forward.fused_causal_lm_forward(self.model, _keywords(self.model.forward, args, kwargs))
+            if fused is not None:
+                return fused
+        return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            with self._mixed_rows(adapter_names, rows.generate_expansion(self.model, kwargs)):
+                return self.generate(*args, **kwargs)
         found = self._active_input()
         if found is None:
             return self.model.generate(*args, **kwargs)
@@ -119,10 +142,24 @@ class TunedModel(nn.Module):
         """The active "input" kind adapter (its spec and module), or None (also while disabled)."""
         if self._disabled:
             return None
+        held = self.__dict__.get("_row_plan")
+        if held is not None:  # inside a call with adapter_names: the rows' own virtual tokens, or none
+            return held[0]
         found = [a for a in self._active if a in self.input_modules]
         if len(found) > 1:
             raise ConfigError(f"adapters {found} all rewrite the model inputs; activate at most one of them at a time")
         return (self.adapters[found[0]].spec, self.input_modules[found[0]]) if found else None
+
+    @contextlib.contextmanager
+    def _mixed_rows(self, adapter_names: list[str], expand: int = 1) -> Iterator[None]:
+        if self.__dict__.get("_row_plan") is not None:
+            raise ConfigError("adapter_names was given twice (nested calls); give it once")
+        with rows.mixed_rows(self.model, self.adapters, self.input_modules, adapter_names, expand) as plan:
+            self.__dict__["_row_plan"] = (plan,)
+            try:
+                yield
+            finally:
+                self.__dict__["_row_plan"] = None
 
     def model_inputs(self, **kwargs: Any) -> dict[str, Any]:
         """The keyword arguments `forward(**kwargs)` hands the wrapped model: rewritten by the active
@@ -156,14 +193,31 @@ class TunedModel(nn.Module):
     def peft_config(self) -> dict[str, TunerConfig]:
         return {name: adapter.config for name, adapter in self.adapters.items()}
 
-    def add_adapter(self, adapter_name: str, config: TunerConfig, *, _loading: bool = False) -> None:
-        """Inject a new adapter (inactive until `set_adapter`), validating everything first."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: TunerConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        *,
+        _loading: bool = False,
+    ) -> None:
+        """Inject a new adapter (inactive until `set_adapter`), validating everything first.
+
+        As in peft: target_modules=None takes the model type's defaults (models/peft_targets.py, logged);
+        autocast_adapter_dtype=False keeps the adapter in its base layers' dtype instead of fp32;
+        low_cpu_mem_usage is accepted (adapters here are small and built in place either way)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it")
         if not isinstance(config, TunerConfig):
             raise ConfigError(f"expected a tuner config (e.g. LoraConfig), got {type(config).__name__}")
         spec = spec_for_config(config)
+        peft_api.check_new_adapter(self.adapters, config)
+        if spec.kind in ("delta", "side", "select"):
+            from deltatune.models.peft_targets import fill_default_targets
+
+            config = fill_default_targets(self.model, config)
         auto = _AUTO_HEADS.get(config.task_type or "")
         if auto:
             wanted = list(dict.fromkeys((config.modules_to_save or []) + auto))
@@ -195,6 +249,8 @@ class TunedModel(nn.Module):
             raise
         extra = spec.extra_trainable(self.model, config, targets) if spec.extra_trainable else []
         self.adapters[adapter_name] = Adapter(config, spec, targets, saved, extra, undo)
+        if not autocast_adapter_dtype:
+            peft_api.cast_to_base_dtype(self.model, adapter_name)
         self._refresh()
 
     def _add_input_adapter(self, adapter_name: str, config: TunerConfig, spec: TunerSpec, loading: bool) -> None:
@@ -219,12 +275,15 @@ class TunedModel(nn.Module):
         for name in names:
             if name not in self.adapters:
                 raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapters)}")
+        peft_api.check_modules_to_save(self.model, names)
         self._active = names
         self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.adapters:
             raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapters)}")
+        if any(adapter_name in w.merged for _, w in inject.delta_wrappers(self.model)):
+            raise ConfigError(f"cannot delete adapter {adapter_name!r} while it is merged; unmerge_adapter() first")
         inject.remove_adapter(self.model, adapter_name)
         if adapter_name in self.input_modules:
             del self.input_modules[adapter_name]
@@ -244,7 +303,8 @@ class TunedModel(nn.Module):
         for _, saver in inject.save_wrappers(self.model):
             saver.active = next((a for a in self._active if a in saver.modules_to_save), None)
             saver.disabled = self._disabled
-        trainable = {a for a in self._active if not self.adapters[a].config.inference_mode}
+        # disabled: nothing trains (peft freezes the adapter inside disable_adapter() too)
+        trainable = set() if self._disabled else {a for a in self._active if not self.adapters[a].config.inference_mode}
         owned = self._param_owners()
         for name, param in self.model.named_parameters():
             param.requires_grad_(bool(owned.get(name, set()) & trainable))
@@ -261,6 +321,18 @@ class TunedModel(nn.Module):
             for name in adapter.extra_params:
                 owners.setdefault(name, set()).add(adapter_name)
         return owners
+
+    def disable_adapter_layers(self) -> None:
+        """peft's disable_adapter_layers: the base model's outputs until enable_adapter_layers()
+        (merged adapters are unmerged first; nothing trains meanwhile)."""
+        self.unmerge_adapter()
+        self._disabled = True
+        self._refresh()
+
+    def enable_adapter_layers(self) -> None:
+        """Undo disable_adapter_layers: the active adapters apply (and train) again."""
+        self._disabled = False
+        self._refresh()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -295,9 +367,13 @@ class TunedModel(nn.Module):
             )
         _refuse_quantized_merge(self.model, names)
         wrappers = [wrapper for _, wrapper in inject.delta_wrappers(self.model)]
+        if not any(wrapper._pending(names) for wrapper in wrappers):
+            warnings.warn(f"adapter(s) {names} are already merged; nothing to do")  # as peft warns
+            return
         if safe_merge:  # check every layer before writing any, so a refusal changes nothing
             for wrapper in wrappers:
                 wrapper.check_merge(names)
+        peft_api.untie_before_merge(self.model, wrappers, names)  # a tied head must not change with its embedding
         for wrapper in wrappers:
             wrapper.merge(names, safe=False)
 
@@ -308,6 +384,7 @@ class TunedModel(nn.Module):
 
     def merge_and_unload(
         self,
+        progressbar: bool = False,
         *,
         safe_merge: bool = True,
         adapter_names: list[str] | None = None,
@@ -449,10 +526,34 @@ class TunedModel(nn.Module):
             self.input_modules[adapter_name].load_file_tensors({key: tensors[key] for key in held})
 
     # -- persistence -----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any) -> None:
-        """PEFT-format directory: "default" at the top, any other adapter in a subfolder of its name."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """PEFT-format directory: "default" at the top, any other adapter in a subfolder of its name.
+
+        peft's arguments keep peft's meaning: save_embedding_layers saves the input/output embedding
+        tensors with the adapter ("auto": when targeted or resized), is_main_process=False writes nothing.
+        safe_serialization=False (a pickle file) and path_initial_model_for_weight_conversion are refused."""
         from deltatune.io import write_adapter
 
+        method = "TunedModel.save_pretrained"
+        refuse_value = peft_api.refuse_value
+        refuse_value(method, "safe_serialization", safe_serialization, True, "deltatune writes only safetensors")
+        refuse_value(
+            method, "path_initial_model_for_weight_conversion", path_initial_model_for_weight_conversion, None,
+            "converting a PiSSA/OLoRA adapter back to plain LoRA on save is not implemented; merge_and_unload() gives "
+            "the full model",
+        )  # fmt: skip
+        peft_api.refuse_unknown(method, kwargs)
+        if not is_main_process:
+            return
         out = Path(save_directory)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"save_directory {str(out)!r} is a file; give a directory")
@@ -465,20 +566,48 @@ class TunedModel(nn.Module):
             config = config.replace(inference_mode=True, base_model_name_or_path=config.base_model_name_or_path or base_path)
             folder = out if name == "default" else out / name
             bare = set(self.input_modules[name].file_tensors()) if name in self.input_modules else set()
-            write_adapter(folder, config, self.adapter_state_dict(name), bare_keys=bare)
+            tensors = {**self.adapter_state_dict(name), **peft_api.embedding_tensors(self, name, save_embedding_layers)}
+            write_adapter(folder, config, tensors, bare_keys=bare)
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        *,
+        config: TunerConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Load a saved adapter (ours or peft's) under a new name; it is not activated.
 
         Config and tensors are read and checked before the model is touched; a failure leaves
-        the model as it was."""
+        the model as it was. peft's arguments keep peft's meaning: `config` is used instead of the
+        folder's adapter_config.json, `subfolder` reads model_id/subfolder, `key_mapping` renames file
+        keys by regex, `torch_device` is where the file's tensors are staged, `autocast_adapter_dtype`
+        as in add_adapter; `low_cpu_mem_usage` is accepted (same result). ephemeral_gpu_offload is refused."""
         from deltatune.io.peft_format import read_config, read_tensors
 
+        method = "TunedModel.load_adapter"
+        model_id = peft_api.split_subfolder(model_id, kwargs)
+        peft_api.refuse_value(method, "ephemeral_gpu_offload", ephemeral_gpu_offload, False, "no offloading here")
+        peft_api.refuse_unknown(method, kwargs, hint=" (hub arguments: download the adapter folder first)")
         check_adapter_name(adapter_name)
-        config = read_config(model_id).replace(inference_mode=not is_trainable)
-        tensors = read_tensors(model_id)
+        if config is not None and not isinstance(config, TunerConfig):
+            raise ConfigError(f"config must be a tuner config (e.g. LoraConfig), got {type(config).__name__}")
+        config = (config if config is not None else read_config(model_id)).replace(inference_mode=not is_trainable)
+        tensors = peft_api.apply_key_mapping(read_tensors(model_id), key_mapping)
+        if torch_device is not None:
+            tensors = {key: value.to(torch_device) for key, value in tensors.items()}
         config.warn_on_load(str(model_id))
-        self.add_adapter(adapter_name, config, _loading=True)
+        self.add_adapter(
+            adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype,
+            _loading=True,
+        )  # fmt: skip
         try:
             self.load_adapter_state_dict(adapter_name, tensors, source=str(model_id))
         except BaseException:
@@ -488,13 +617,30 @@ class TunedModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **_: Any
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: TunerConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> TunedModel:
-        """Wrap `model` with an adapter saved by `save_pretrained` (or by peft)."""
+        """Wrap `model` with an adapter saved by `save_pretrained` (or by peft).
+
+        peft's arguments keep peft's meaning (see load_adapter); unknown ones raise TypeError."""
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        peft_api.refuse_unknown("TunedModel.from_pretrained", {k: v for k, v in kwargs.items() if k not in ("subfolder", "torch_device")})
         tuned = cls(model, None)
         try:
-            tuned.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+            tuned.load_adapter(
+                model_id, adapter_name, is_trainable=is_trainable, config=config,
+                autocast_adapter_dtype=autocast_adapter_dtype, ephemeral_gpu_offload=ephemeral_gpu_offload,
+                low_cpu_mem_usage=low_cpu_mem_usage, key_mapping=key_mapping, **kwargs,
+            )  # fmt: skip
         except BaseException:
             for name, param in model.named_parameters():
                 param.requires_grad_(flags.get(name, param.requires_grad))
@@ -549,11 +695,39 @@ def _refuse_quantized_merge(model: nn.Module, names: list[str]) -> None:
 
 
 def get_tuned_model(
-    model: nn.Module, config: TunerConfig, adapter_name: str = "default", *, lean_activations: bool = True
+    model: nn.Module,
+    config: TunerConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+    *,
+    lean_activations: bool = True,
+    fused_loss: bool = True,
 ) -> TunedModel:
     """Freeze `model` and inject an adapter described by `config`.
 
+    peft's get_peft_model arguments keep peft's meaning: `autocast_adapter_dtype=False` keeps the
+    adapter in the base layers' dtype (default: fp32 on a bf16/fp16 base), `revision` is recorded in the
+    config, `low_cpu_mem_usage` is accepted (same result); `mixed=True` (PeftMixedModel) is refused:
+    a TunedModel already holds adapters of different tuners.
+
     `lean_activations` (default on): gated MLPs (Llama-style `down(act(gate(x)) * up(x))`) recompute
     the activation in backward instead of keeping its output; same results, less memory. The
-    original forwards come back on `unload()` / `merge_and_unload()`."""
-    return TunedModel(model, config, adapter_name, lean_activations=lean_activations)
+    original forwards come back on `unload()` / `merge_and_unload()`.
+
+    `fused_loss` (default on): in training mode, `model(input_ids, labels=...)` on a causal LM with a
+    frozen plain output head computes the same loss (and gradients) without building the
+    full-vocabulary logits, and the output's `.logits` is None. Turn it off (here, or later with
+    `tuned.fused_loss = False`) for code that reads `.logits` of a training forward with labels;
+    eval mode and calls without labels always return logits."""
+    peft_api.refuse_value("get_tuned_model", "mixed", mixed, False, "a TunedModel already mixes tuners (add_adapter)")
+    if revision is not None:
+        config = config.replace(revision=revision)
+    if autocast_adapter_dtype and not low_cpu_mem_usage:
+        return TunedModel(model, config, adapter_name, lean_activations=lean_activations, fused_loss=fused_loss)
+    tuned = TunedModel(model, None, lean_activations=lean_activations, fused_loss=fused_loss)
+    tuned.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
+    tuned.set_adapter(adapter_name)
+    return tuned

@@ -21,7 +21,7 @@ Merging is only ever an explicit call (never a side effect of train()/eval()).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -81,6 +81,11 @@ class BaseCall:
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self._wrapper.base_layer, "bias", None)
+
+    @property
+    def output_scale(self) -> torch.Tensor | float | None:
+        """The base layer's own output multiplier (Gemma-style scaled embeddings: `embed_scale`), else None."""
+        return getattr(self._wrapper.base_layer, "embed_scale", None)
 
     @property
     def call_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -148,6 +153,49 @@ class Passthrough(nn.Module):
 
 _INPUT_KEYWORDS = ("hidden_states", "x", "input", "inputs")
 
+BASE_ROW = "__base__"
+"""The adapter name peft uses, in `adapter_names`, for rows that get the base model."""
+
+
+class RowAdapters:
+    """Which adapter each row of a batch runs with (peft's `adapter_names`; BASE_ROW: none).
+
+    Set on every wrapper for the length of one forward / generate call. In generate, a batch that
+    generate expanded (num_return_sequences or beams: each row repeated `expand` times in place) gets
+    each name `expand` times; any other batch size is an error (a layer whose input has no batch rows
+    cannot give rows different adapters).
+    """
+
+    def __init__(self, names: Sequence[str], expand: int = 1):
+        self.names, self.expand = list(names), expand
+        self._groups: dict[tuple[int, str], list[tuple[str, torch.Tensor]]] = {}
+
+    def groups(
+        self, batch: int, device: torch.device, layer: str = "", *, activations: bool = False
+    ) -> list[tuple[str, torch.Tensor]]:
+        """[(adapter name, row indices)] for a batch of `batch` rows, in first-seen order.
+
+        `activations`: the rows are float activations, which models may fold batch-major (Swin's windows,
+        (B, T, d) flattened to (B * T, d)), so a multiple of the batch is read as each row repeated."""
+        key = (batch, str(device))
+        found = self._groups.get(key)
+        if found is None:
+            count = len(self.names)
+            folded = activations and batch % count == 0
+            if batch not in (count, count * self.expand) and not folded:
+                where = f" (an adapter changes {layer}, whose input has {batch} leading rows)" if layer else ""
+                raise ValueError(
+                    f"adapter_names has {count} entries but the batch has {batch} rows{where}; give one adapter "
+                    "name per row, or run each adapter's rows in a batch of their own (set_adapter)"
+                )
+            repeat = batch // count
+            rows: dict[str, list[int]] = {}
+            for i, name in enumerate(self.names):
+                rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+            found = [(name, torch.tensor(idx, dtype=torch.long, device=device)) for name, idx in rows.items()]
+            self._groups[key] = found
+        return found
+
 
 class DeltaWrapper(nn.Module):
     """Holds the original layer as `base_layer` and a dict of named deltas."""
@@ -165,6 +213,8 @@ class DeltaWrapper(nn.Module):
         self._replaced: dict[str, dict[str, torch.Tensor]] = {}
         """Base values a merged replacing delta overwrote, per adapter, for an exact unmerge."""
         self.disabled = False
+        self.rows: RowAdapters | None = None
+        """Set during a call with `adapter_names`: each row then runs with its own adapter."""
 
     # Attribute access falls through to the base layer (weight, in_features, ...), as with peft.
     def __getattr__(self, name: str) -> Any:
@@ -180,10 +230,15 @@ class DeltaWrapper(nn.Module):
             if self.merged:
                 raise RuntimeError("adapters are merged into this layer; unmerge them before disabling adapters")
             return self.base_layer(*args, **kwargs)
+        if self.rows is not None:
+            return self._forward_rows(self.rows, args, kwargs)
+        return self._forward_with(self.active, args, kwargs)
+
+    def _forward_with(self, active: list[str], args: tuple, kwargs: dict[str, Any]) -> Any:
         deltas = self._modules["deltas"]._modules  # the hot path: no nn.Module.__getattr__
         overrides: dict[str, torch.Tensor] = {}
         chained = []
-        for name in self.active:
+        for name in active:
             delta = deltas.get(name)
             if delta is None or name in self.merged:
                 continue
@@ -210,6 +265,46 @@ class DeltaWrapper(nn.Module):
         for delta in chained[:-1]:
             call = call.then(delta)
         return chained[-1](x, call)  # = call.then(chained[-1])(x), one frame less
+
+    def _forward_rows(self, rows: RowAdapters, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Each row with its own adapter (or the base): the base layer runs once over the whole batch,
+        each adapter's delta over its rows only, reusing their slice of the base output."""
+        if self.merged:
+            raise RuntimeError("adapters are merged into this layer; unmerge them before using adapter_names")
+        deltas = self._modules["deltas"]._modules
+        if not any(name in deltas for name in rows.names):
+            return self.base_layer(*args, **kwargs)
+        x = args[0] if args else None
+        layer = type(self.base_layer).__name__
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(
+                f"adapter_names: an adapter changes {layer}, which takes no batched tensor input, so rows cannot "
+                "differ there; run each adapter's rows in a batch of their own (set_adapter)"
+            )
+        groups = rows.groups(x.shape[0], x.device, layer, activations=x.is_floating_point())
+        used = [(name, idx) for name, idx in groups if name in deltas]
+        if len(groups) == 1:
+            return self._forward_with([used[0][0]], args, kwargs)
+        if args[1:] or kwargs:  # other arguments may be batched too: run whole batches, keep each group's rows
+            out = self._forward_with([], args, kwargs)
+            if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
+                raise ValueError(f"adapter_names: {type(self.base_layer).__name__} does not return one row per input row")
+            out = out.clone()
+            for name, idx in used:
+                out.index_copy_(0, idx, self._forward_with([name], args, kwargs).index_select(0, idx))
+            return out
+        full = self.base_layer(x)  # (B, ..., out)
+        out = full.clone()
+        for name, idx in used:
+            delta, xg = deltas[name], x.index_select(0, idx)
+            if replaces_parameters(delta):
+                yg = functional_call(self.base_layer, delta.overrides(), (xg,))
+            else:
+                fg = full.index_select(0, idx)
+                base = self.base_layer
+                yg = delta(xg, BaseCall(self, lambda t, xg=xg, fg=fg: fg if t is xg else base(t), (), {}))
+            out.index_copy_(0, idx, yg.to(out.dtype))
+        return out
 
     # -- merge ----------------------------------------------------------------------------------
     def _merged(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, object]]:
@@ -314,6 +409,8 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.rows: RowAdapters | None = None
+        """Set during a call with `adapter_names`: each row then runs with its own adapter's copy."""
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -336,4 +433,30 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current()(*args, **kwargs)
+        if self.rows is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        copies = self.modules_to_save._modules
+        if not any(name in copies for name in self.rows.names):
+            return self.original_module(*args, **kwargs)
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        layer = type(self.original_module).__name__
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(
+                f"adapter_names: an adapter trains {layer} in full, which takes no batched tensor input, so rows "
+                "cannot differ there; run each adapter's rows in a batch of their own (set_adapter)"
+            )
+        groups = self.rows.groups(x.shape[0], x.device, layer, activations=x.is_floating_point())
+        used = [(name, idx) for name, idx in groups if name in copies]
+        out = self.original_module(*args, **kwargs)
+        whole = isinstance(out, torch.Tensor) and out.shape[:1] == x.shape[:1]
+        if not whole:
+            raise ValueError(f"adapter_names: {type(self.original_module).__name__} does not return one row per input row")
+        out = out.clone()
+        sliced = len(args) == 1 and not kwargs  # else other arguments may be batched too: whole batches
+        for name, idx in used:
+            if sliced:
+                rows = copies[name](x.index_select(0, idx))
+            else:
+                rows = copies[name](*args, **kwargs).index_select(0, idx)
+            out.index_copy_(0, idx, rows.to(out.dtype))
+        return out

@@ -108,10 +108,10 @@ def prefix_cache(model: nn.Module, module: nn.Module, batch_size: int) -> Any:
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     layers, heads, dim, submodules = module.prefix_layout
-    table = module.table()  # (V, L * 2 * dim)
-    v = table.shape[0]
+    table = pl.table_rows(module, batch_size)  # (B, V, L * 2 * dim)
+    v = table.shape[1]
     dtype = getattr(model, "dtype", None)
-    past = table.unsqueeze(0).expand(batch_size, -1, -1).to(dtype or table.dtype)
+    past = table.to(dtype or table.dtype)
     past = past.reshape(batch_size, v, layers * 2, heads, dim // heads)  # (B, V, 2L, H, hd)
     if submodules == 2:
         past = torch.cat([past, past], dim=2)  # (B, V, 4L, H, hd)

@@ -187,6 +187,15 @@ class EncodedTable(nn.Module):
         )
 
 
+def table_rows(module: Any, batch: int) -> torch.Tensor:
+    """(batch, rows, width): the table for every row, or each row's own under `adapter_names`
+    (a deltatune.core.rows.RowTable)."""
+    per_row = getattr(module, "rows_table", None)
+    if per_row is not None:
+        return per_row(batch)
+    return module.table().unsqueeze(0).expand(batch, -1, -1)
+
+
 # -- rewriting calls: prepend virtual token embeddings (prompt tuning, P-tuning) ---------------------
 def _ones(mask: torch.Tensor, v: int) -> torch.Tensor:
     return torch.ones(mask.shape[0], v, dtype=mask.dtype, device=mask.device)
@@ -256,6 +265,6 @@ def _with_prompts(model: nn.Module, kwargs: dict[str, Any], module: nn.Module, v
         if input_ids is None:
             raise ConfigError("virtual tokens need input_ids or inputs_embeds")
         embeds = model.get_input_embeddings()(input_ids)  # (B, T, d)
-    prompts = module.table()[:v].to(embeds.dtype)  # (V, d)
-    kwargs["inputs_embeds"] = torch.cat((prompts.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds), dim=1)
+    prompts = table_rows(module, embeds.shape[0])[:, :v].to(embeds.dtype)  # (B, V, d)
+    kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
     return kwargs
