@@ -15,18 +15,24 @@ from typing import Any
 def run_sft(args) -> int:
     from deltatune.train import train
 
-    if args.task == "image-classification":
-        return _run_sft_image(args)
     started = time.time()
     result = train(args)
     if not result.is_main_process:
         return 0
     print()
     print("=" * 72)
-    if result.eval_before and result.eval_after:
-        print(f"held-out loss   before {result.eval_before['loss']:.4f}  ->  after {result.eval_after['loss']:.4f}"
-              f"   (perplexity {result.eval_before['perplexity']:.2f} -> {result.eval_after['perplexity']:.2f},"
-              f" {result.eval_after['tokens']} answer tokens)")  # fmt: skip
+    before, after = result.eval_before or {}, result.eval_after or {}
+    if before and after and "perplexity" in after:
+        print(f"held-out loss   before {before['loss']:.4f}  ->  after {after['loss']:.4f}"
+              f"   (perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f},"
+              f" {after['tokens']} answer tokens)")  # fmt: skip
+    elif before and after:
+        for key, value in after.items():
+            if key in before and isinstance(value, float):
+                print(f"held-out {key:<9} before {before[key]:.4f}  ->  after {value:.4f}")
+        counts = ", ".join(f"{after[k]} {k}" for k in after if not isinstance(after[k], float))
+        if counts:
+            print(f"({counts} held out)")
     for i, sample in enumerate(result.samples, 1):
         print(f"\n[{i}] user:      {sample['prompt']}")
         print(f"    reference: {sample['reference']}")
@@ -41,23 +47,6 @@ def run_sft(args) -> int:
     print(f"adapter:    {result.adapter_dir}")
     if result.plot:
         print(f"loss curve: {result.plot}")
-    print(f"metrics:    {result.output_dir / 'logs.jsonl'}")
-    print(f"wall time:  {time.time() - started:.0f} s")
-    return 0
-
-
-def _run_sft_image(args) -> int:
-    from deltatune.tasks.image_train import train_image_classifier
-
-    started = time.time()
-    result = train_image_classifier(args)
-    print()
-    print("=" * 72)
-    print(f"held-out accuracy   before {result.accuracy_before:.3f}  ->  after {result.accuracy_after:.3f}"
-          f"   ({result.n_val} held-out images, {result.n_train} training images)")  # fmt: skip
-    print()
-    print(f"steps:      {result.steps} ({result.train_seconds:.0f} s of training)")
-    print(f"adapter:    {result.adapter_dir}")
     print(f"metrics:    {result.output_dir / 'logs.jsonl'}")
     print(f"wall time:  {time.time() - started:.0f} s")
     return 0
@@ -153,13 +142,10 @@ def run_eval(ns) -> int:
 
 # -- export -----------------------------------------------------------------------------------------
 def run_export(ns) -> int:
-    from deltatune.train.outdir import is_empty
+    from deltatune.train.outdir import check_replaceable, mark_written, replace_folder
 
     out = Path(ns.output_dir)
-    if out.exists() and not is_empty(out) and not ns.overwrite:
-        from deltatune.train.errors import OutputDirError
-
-        raise OutputDirError(f"{out} is not empty; add --overwrite or pick another --output-dir")
+    check_replaceable(out, overwrite=ns.overwrite)  # --overwrite replaces only what deltatune wrote
     model, tokenizer = _load(ns, adapter=ns.adapter, merge=ns.merge)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -171,10 +157,8 @@ def run_export(ns) -> int:
         else:
             model.save_pretrained(tmp)  # only adapter_config.json, adapter_model.safetensors (+ sidecar)
             what = "PEFT adapter (load with deltatune or peft)"
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        mark_written(tmp, "merged model" if ns.merge else "adapter")
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = ", ".join(sorted(p.name for p in out.iterdir()))

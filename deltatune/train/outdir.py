@@ -24,9 +24,19 @@ class RunLock:
     def __init__(self, folder: Path):
         self.path = folder / LOCK_NAME
         self._fd: int | None = None
+        self._created: list[Path] = []  # folders this lock made, outermost last
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise OutputDirError(f"--output-dir {folder} is a file; give a folder (a new or empty one)")
+        self._created = [p for p in [folder, *folder.parents] if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputDirError(
+                f"cannot create --output-dir {folder}: {err.strerror or err}; pick another --output-dir"
+            ) from None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             import fcntl
@@ -46,9 +56,19 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Unlock; a run that wrote nothing besides the lock leaves no trace (the lock file and any
+        folders it created go)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            folder = self.path.parent
+            try:
+                if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                    self.path.unlink()
+                    for created in self._created:
+                        created.rmdir()  # only folders this run made, and only while empty
+            except OSError:
+                pass
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -151,3 +171,60 @@ def save_final_adapter(tuned, final: Path) -> None:
             f"--output-dir {final.parent} (it writes the adapter from the last checkpoint)",
             code,
         ) from err
+
+
+# -- folders other commands write (export) ---------------------------------------------------------
+EXPORT_MARKER = ".deltatune-export.json"
+"""Written into every folder `deltatune export` produces, so --overwrite can tell it from anything else."""
+_ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "deltatune_config.json"})
+
+
+def written_by_deltatune(folder: Path) -> bool:
+    """True for a folder an export wrote (its marker), or a bare adapter folder deltatune saved."""
+    names = {p.name for p in folder.iterdir()} - {LOCK_NAME}
+    if EXPORT_MARKER in names:
+        return True
+    return "deltatune_config.json" in names and names <= _ADAPTER_FILES
+
+
+def check_replaceable(folder: Path, *, overwrite: bool, flag: str = "--output-dir") -> None:
+    """Refuse to write into `folder` unless it is empty, or --overwrite is given and deltatune wrote it.
+
+    Raises:
+        OutputDirError: `folder` is a file; it is not empty and overwrite is off; or overwrite is on
+            but deltatune did not write it (the message lists what is there).
+    """
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"{flag} {folder} is a file; give a folder")
+    if is_empty(folder):
+        return
+    if not overwrite:
+        raise OutputDirError(f"{folder} is not empty; add --overwrite to replace it, or pick another {flag}")
+    if not written_by_deltatune(folder):
+        names = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(names[:10]) + (f", ... {len(names) - 10} more" if len(names) > 10 else "")
+        raise OutputDirError(
+            f"--overwrite only replaces folders deltatune wrote, and {folder} holds other files ({shown}); "
+            f"empty or remove it yourself, or pick another {flag}"
+        )
+
+
+def mark_written(folder: Path, what: str) -> None:
+    """Mark a folder (before it is renamed into place) as deltatune's, for a later --overwrite."""
+    import json
+
+    from deltatune import __version__
+
+    (folder / EXPORT_MARKER).write_text(json.dumps({"written_by": "deltatune", "what": what, "version": __version__}))
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move a finished `tmp` folder to `final`, replacing what was there only once `tmp` is complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
