@@ -14,6 +14,8 @@ from deltatune.tuners.full import FullConfig
 from deltatune.tuners.ia3 import IA3Config
 from deltatune.tuners.llama_pro import LlamaProConfig
 from deltatune.tuners.ln_tuning import LNTuningConfig
+from deltatune.tuners.loha import LoHaConfig
+from deltatune.tuners.lokr import LoKrConfig
 from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.p_tuning import PTuningConfig
 from deltatune.tuners.part import PartConfig
@@ -32,6 +34,8 @@ __all__ = [
     "IA3Config",
     "LNTuningConfig",
     "LlamaProConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MergeError",
     "PartConfig",

@@ -10,6 +10,8 @@ CASES = []
 for spec in all_specs():
     for index, example in enumerate(spec.example_configs):
         for tiny in TINY_MODELS.values():
+            if spec.contract_models and tiny.name not in spec.contract_models:
+                continue
             if contract.make_config(spec, example, tiny) is not None:
                 CASES.append(pytest.param(spec, example, tiny, id=f"{spec.name}{index}-{tiny.name}"))
 

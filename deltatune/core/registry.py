@@ -31,6 +31,8 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.prompt_tuning",
     "deltatune.tuners.p_tuning",
     "deltatune.tuners.prefix_tuning",
+    "deltatune.tuners.loha",
+    "deltatune.tuners.lokr",
 )
 
 
@@ -98,6 +100,10 @@ class TunerSpec:
     "select" and "structural" tuners, and examples naming their own target_modules, run as given, on
     every model where they apply)."""
     paper: str = ""
+    contract_models: tuple[str, ...] = ()
+    """Tiny models (deltatune.testing.tiny_models names) the contract matrix runs this tuner on; empty:
+    every compatible one. A tuner whose math does not depend on the model family may name the few models
+    that exercise each layer kind it adapts, to keep the matrix's time in check."""
 
 
 _REGISTRY: dict[str, TunerSpec] = {}
