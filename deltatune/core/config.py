@@ -164,6 +164,13 @@ class TunerConfig:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        """peft's flag: True for tuners that rewrite the model's inputs (prompt / prefix tuning, P-tuning)."""
+        from deltatune.core.registry import spec_for_config
+
+        return spec_for_config(self).kind == "input"
+
     def warn_on_load(self, source: str) -> None:
         """Hook for tuners whose saved adapters need a caveat when loaded (default: none)."""
 

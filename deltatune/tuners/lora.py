@@ -309,6 +309,9 @@ class LoraEmbedding(_LoraBase):
         a = self.lora_embedding_A.T.to(result.dtype)  # (vocab, r)
         b = self.lora_embedding_B.T.to(result.dtype)  # (r, dim)
         update = F.embedding(x, a, padding_idx=self.padding_idx) @ b * self.scale  # (..., dim)
+        embed_scale = base.output_scale  # a scaled embedding (Gemma: sqrt(dim)) scales its rows' update too
+        if embed_scale is not None:
+            update = update * (embed_scale.to(update.dtype) if torch.is_tensor(embed_scale) else embed_scale)
         if not self.use_dora:
             return result + update
         weight = base.weight().to(result.dtype)

@@ -1,0 +1,349 @@
+"""Drop-in for peft: the behaviours and API a peft user's code relies on (issue 26), with the real
+peft as the oracle where it has the behaviour. Tiny models built from config, CPU, offline."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.testing.tiny_models import TINY_MODELS
+
+peft = pytest.importorskip("peft")
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.lin(x)))
+
+
+def _toy(seed=0):
+    torch.manual_seed(seed)
+    return Toy().eval()
+
+
+def _x():
+    return torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+
+
+def _llama(tie=False, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+IDS = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+
+
+# -- item 1: biases -------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_second_adapter_training_biases_is_refused_as_in_peft(bias):
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], bias=bias))
+    with pytest.raises(ValueError, match="only one adapter may train base biases"):
+        tuned.add_adapter("b", dt.LoraConfig(target_modules=["lin"], bias=bias))
+    tuned.add_adapter("c", dt.LoraConfig(target_modules=["lin"]))  # bias="none" next to it: fine (as peft)
+    theirs = peft.get_peft_model(_toy(), peft.LoraConfig(target_modules=["lin"], bias=bias))
+    with pytest.raises(ValueError):
+        theirs.add_adapter("b", peft.LoraConfig(target_modules=["lin"], bias=bias))
+
+
+# -- item 2: tied embedding -------------------------------------------------------------------------
+def test_merging_lora_on_a_tied_embedding_leaves_the_head_alone():
+    base = _llama(tie=True)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    tuned = dt.get_tuned_model(base, dt.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=False))
+    unmerged = tuned(input_ids=IDS).logits
+    with pytest.warns(UserWarning, match="tied"):
+        tuned.merge_adapter()
+    torch.testing.assert_close(tuned(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
+    tuned.unmerge_adapter()
+    torch.testing.assert_close(tuned(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = tuned.merge_and_unload()
+    assert merged.config.tie_word_embeddings is False
+    torch.testing.assert_close(merged(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged.lm_head.weight, _llama(tie=True).lm_head.weight)
+
+
+# -- item 3: scaled embeddings ---------------------------------------------------------------------------
+def _gemma3(seed=0):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, sliding_window=8,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def test_lora_on_gemma3_scaled_embedding_matches_merged_and_peft(tmp_path):
+    base = _gemma3()
+    assert float(base.model.embed_tokens.embed_scale) != 1.0
+    config = dict(target_modules=["embed_tokens"], r=4, lora_alpha=8, init_lora_weights=False)
+    tuned = dt.get_tuned_model(base, dt.LoraConfig(**config))
+    unmerged = tuned(input_ids=IDS).logits
+    tuned.save_pretrained(tmp_path, save_embedding_layers=False)
+    theirs = peft.PeftModel.from_pretrained(_gemma3(), tmp_path).eval()
+    torch.testing.assert_close(theirs(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
+    tuned.merge_adapter()
+    torch.testing.assert_close(tuned(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
+
+
+def test_lora_on_any_embedding_with_an_embed_scale():
+    class Scaled(nn.Embedding):
+        def __init__(self):
+            super().__init__(20, 6)
+            self.register_buffer("embed_scale", torch.tensor(3.0), persistent=False)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = Scaled()
+
+        def forward(self, ids):
+            return self.emb(ids)
+
+    torch.manual_seed(0)
+    tuned = dt.get_tuned_model(M(), dt.LoraConfig(target_modules=["emb"], init_lora_weights=False))
+    ids = torch.randint(0, 20, (2, 5))
+    unmerged = tuned(ids)
+    tuned.merge_adapter()
+    torch.testing.assert_close(tuned(ids), unmerged)
+
+
+# -- item 4: two active copies of one module ---------------------------------------------------------------
+def test_two_active_adapters_with_the_same_module_to_save_are_refused():
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], modules_to_save=["head"]))
+    tuned.add_adapter("b", dt.LoraConfig(target_modules=["lin"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        tuned.set_adapter(["default", "b"])
+    assert tuned.active_adapters == ["default"]  # unchanged
+    theirs = peft.get_peft_model(_toy(), peft.LoraConfig(target_modules=["lin"], modules_to_save=["head"]))
+    theirs.add_adapter("b", peft.LoraConfig(target_modules=["lin"], modules_to_save=["head"]))
+    with pytest.raises(ValueError):
+        theirs.base_model.set_adapter(["default", "b"])
+
+
+# -- item 5: keyword arguments are honoured or refused ----------------------------------------------------------
+def test_unknown_or_unsupported_keywords_are_refused(tmp_path):
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"]))
+    with pytest.raises(dt.ConfigError, match="safe_serialization"):
+        tuned.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(TypeError, match="push_to_hubb"):
+        tuned.save_pretrained(tmp_path, push_to_hubb=True)
+    tuned.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(TypeError, match="token"):
+        dt.TunedModel.from_pretrained(_toy(), tmp_path, token="x")
+    with pytest.raises(TypeError, match="revision"):
+        tuned.load_adapter(tmp_path, "b", revision="main")
+    with pytest.raises(dt.ConfigError, match="mixed"):
+        dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"]), mixed=True)
+    assert "b" not in tuned.adapters
+
+
+def test_is_main_process_false_writes_nothing_and_subfolder_is_read(tmp_path):
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], init_lora_weights=False))
+    tuned.save_pretrained(tmp_path / "x", is_main_process=False)
+    assert not (tmp_path / "x").exists()
+    tuned.save_pretrained(tmp_path / "repo" / "sub")
+    loaded = dt.TunedModel.from_pretrained(_toy(), tmp_path / "repo", subfolder="sub")
+    torch.testing.assert_close(loaded(_x()), tuned(_x()))
+
+
+def test_from_pretrained_config_keyword_is_used_instead_of_the_file(tmp_path):
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], r=4, lora_alpha=4, init_lora_weights=False))
+    tuned.save_pretrained(tmp_path)
+    config = dt.LoraConfig(target_modules=["lin"], r=4, lora_alpha=8)  # twice the scale
+    ours = dt.TunedModel.from_pretrained(_toy(), tmp_path, config=config)
+    assert ours.peft_config["default"].lora_alpha == 8 and ours.peft_config["default"].inference_mode
+    theirs = peft.PeftModel.from_pretrained(_toy(), tmp_path, config=peft.LoraConfig(target_modules=["lin"], r=4, lora_alpha=8))
+    torch.testing.assert_close(ours(_x()), theirs(_x()))
+    assert not torch.allclose(ours(_x()), tuned(_x()))
+
+
+def test_key_mapping_renames_file_keys(tmp_path):
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], init_lora_weights=False))
+    tuned.save_pretrained(tmp_path)
+
+    class Renamed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.inner(x)))
+
+    renamed = Renamed()
+    renamed.load_state_dict({k.replace("lin.", "inner."): v for k, v in _toy().state_dict().items()})
+    config = dt.LoraConfig(target_modules=["inner"])
+    loaded = dt.TunedModel.from_pretrained(renamed.eval(), tmp_path, config=config, key_mapping={r"^lin\.": "inner."})
+    torch.testing.assert_close(loaded(_x()), tuned(_x()))
+
+
+# -- item 6: disabled adapters do not train --------------------------------------------------------------------
+def test_adapter_parameters_are_frozen_inside_disable_adapter():
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"]))
+    trainable = lambda: sorted(n for n, p in tuned.named_parameters() if p.requires_grad)  # noqa: E731
+    before = trainable()
+    assert before
+    with tuned.disable_adapter():
+        assert trainable() == []
+    assert trainable() == before
+    tuned.disable_adapter_layers()
+    assert trainable() == []
+    torch.testing.assert_close(tuned(_x()), _toy()(_x()))
+    tuned.enable_adapter_layers()
+    assert trainable() == before
+
+
+# -- item 7: target_modules=None on known architectures -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("model_name", "tuner"),
+    [("llama", "lora"), ("gpt2", "lora"), ("bert", "lora"), ("t5", "lora"),
+     ("llama", "ia3"), ("gpt2", "ia3"), ("bert", "ia3"), ("t5", "ia3"), ("llama", "ln_tuning"), ("gpt2", "ln_tuning")],
+)  # fmt: skip
+def test_unset_target_modules_take_peft_defaults(model_name, tuner, caplog):
+    tiny = TINY_MODELS[model_name]
+    ours_cls = {"lora": dt.LoraConfig, "ia3": dt.IA3Config, "ln_tuning": dt.LNTuningConfig}[tuner]
+    theirs_cls = {"lora": peft.LoraConfig, "ia3": peft.IA3Config, "ln_tuning": peft.LNTuningConfig}[tuner]
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        ours = dt.get_tuned_model(tiny.fresh(), ours_cls(task_type=tiny.task_type))
+    assert "target_modules is unset" in caplog.text
+    theirs = peft.get_peft_model(tiny.fresh(), theirs_cls(task_type=tiny.task_type))
+    ours_targets = sorted(ours.adapters["default"].config.target_modules)
+    assert ours_targets == sorted(theirs.peft_config["default"].target_modules)
+    ours_trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    theirs_trainable = sorted(n for n, p in theirs.named_parameters() if p.requires_grad)
+    assert len(ours_trainable) == len(theirs_trainable) > 0
+    if tuner == "ia3":
+        assert sorted(ours.adapters["default"].config.feedforward_modules) == sorted(
+            theirs.peft_config["default"].feedforward_modules
+        )
+
+
+def test_unset_target_modules_on_an_unknown_model_still_asks_for_them():
+    with pytest.raises(ValueError, match="target_modules"):
+        dt.get_tuned_model(_toy(), dt.LoraConfig())
+
+
+# -- item 8: autocast_adapter_dtype ---------------------------------------------------------------------
+def test_autocast_adapter_dtype_false_keeps_the_base_dtype(tmp_path):
+    base = _llama().to(torch.bfloat16)
+    kept = dt.get_tuned_model(base, dt.LoraConfig(target_modules=["q_proj", "v_proj"]), autocast_adapter_dtype=False)
+    dtypes = {p.dtype for n, p in kept.named_parameters() if p.requires_grad}
+    assert dtypes == {torch.bfloat16}
+    theirs = peft.get_peft_model(
+        _llama().to(torch.bfloat16), peft.LoraConfig(target_modules=["q_proj", "v_proj"]), autocast_adapter_dtype=False
+    )
+    assert {p.dtype for p in theirs.parameters() if p.requires_grad} == dtypes
+    kept(input_ids=IDS).logits.float().sum().backward()
+    default = dt.get_tuned_model(_llama().to(torch.bfloat16), dt.LoraConfig(target_modules=["q_proj", "v_proj"]))
+    assert {p.dtype for p in default.parameters() if p.requires_grad} == {torch.float32}
+    default.save_pretrained(tmp_path)
+    loaded = dt.TunedModel.from_pretrained(_llama().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in loaded.named_parameters() if "lora_" in n} == {torch.bfloat16}
+
+
+# -- item 10: peft's low-level API ---------------------------------------------------------------------------
+def test_inject_and_state_dict_functions_match_peft():
+    config = dict(target_modules=["lin"], r=2, init_lora_weights=False)
+    torch.manual_seed(5)
+    ours = dt.inject_adapter_in_model(dt.LoraConfig(**config), _toy())
+    assert isinstance(ours, Toy)
+    torch.manual_seed(5)
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(**config), _toy())
+    ours_sd = dt.get_peft_model_state_dict(ours)
+    theirs_sd = peft.get_peft_model_state_dict(theirs)
+    assert sorted(ours_sd) == sorted(theirs_sd)
+    theirs_sd = {k: torch.randn_like(v) for k, v in theirs_sd.items()}
+    peft.set_peft_model_state_dict(theirs, theirs_sd)
+    result = dt.set_peft_model_state_dict(ours, theirs_sd)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    torch.testing.assert_close(ours(_x()), theirs(_x()))
+    with pytest.raises(dt.AdapterLoadError):
+        dt.set_peft_model_state_dict(ours, {k: v[:1] for k, v in theirs_sd.items()})
+
+
+def test_base_model_state_dict_has_the_original_keys():
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], modules_to_save=["head"]))
+    theirs = peft.get_peft_model(_toy(), peft.LoraConfig(target_modules=["lin"], modules_to_save=["head"]))
+    ours_sd = dt.get_base_model_state_dict(tuned)
+    assert sorted(ours_sd) == sorted(_toy().state_dict()) == sorted(peft.get_base_model_state_dict(theirs))
+    new = _toy(seed=9).state_dict()
+    dt.set_base_model_state_dict(tuned, new)
+    torch.testing.assert_close(tuned.model.lin.base_layer.weight, new["lin.weight"])
+    with pytest.raises(RuntimeError, match="unexpected"):
+        dt.set_base_model_state_dict(tuned, {**new, "nope.weight": torch.zeros(1)})
+
+
+def test_save_embedding_layers_writes_the_embedding_with_the_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    tuned = dt.get_tuned_model(_llama(), dt.LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        tuned.save_pretrained(tmp_path / "auto")
+    keys = set(load_file(tmp_path / "auto" / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in keys and "base_model.model.lm_head.weight" not in keys
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "peft")
+    assert set(load_file(tmp_path / "peft" / "adapter_model.safetensors")) == keys
+    dt.TunedModel.from_pretrained(_llama(), tmp_path / "peft")  # the base tensors equal ours: accepted
+    tuned.save_pretrained(tmp_path / "off", save_embedding_layers=False)
+    assert not any("base_layer" in k for k in load_file(tmp_path / "off" / "adapter_model.safetensors"))
+
+
+def test_is_prompt_learning_flag():
+    assert dt.PromptTuningConfig(num_virtual_tokens=2).is_prompt_learning
+    assert dt.PrefixTuningConfig(num_virtual_tokens=2).is_prompt_learning
+    assert not dt.LoraConfig().is_prompt_learning and not dt.IA3Config().is_prompt_learning
+
+
+# -- item 11: contracts ---------------------------------------------------------------------------------------
+def test_deleting_a_merged_adapter_is_a_value_error_and_double_merge_warns():
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], init_lora_weights=False))
+    tuned.merge_adapter()
+    with pytest.warns(UserWarning, match="already merged"):
+        tuned.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        tuned.delete_adapter("default")
+    theirs = peft.get_peft_model(_toy(), peft.LoraConfig(target_modules=["lin"], init_lora_weights=False))
+    theirs.merge_adapter()
+    with pytest.raises(ValueError):
+        theirs.delete_adapter("default")
+    tuned.unmerge_adapter()
+    tuned.delete_adapter("default")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t: t.set_adapter("nope"),
+        lambda t: t.delete_adapter("nope"),
+        lambda t: t.add_adapter("default", dt.LoraConfig(target_modules=["lin"])),
+        lambda t: t.add_adapter("../x", dt.LoraConfig(target_modules=["lin"])),
+    ],
+    ids=["set-unknown", "delete-unknown", "duplicate", "bad-name"],
+)
+def test_bad_names_raise_value_error(call):
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"]))
+    with pytest.raises(ValueError):
+        call(tuned)
