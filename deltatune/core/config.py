@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field, fields
@@ -94,6 +95,10 @@ class TunerConfig:
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field. Subclasses extend and call super()."""
+        for f in fields(self):
+            bad = _non_finite(getattr(self, f.name))
+            if bad is not None:
+                raise ConfigError(f"{f.name}={bad} is not a finite number; give a real value")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type={self.task_type!r} is unknown; use one of {sorted(TASK_TYPES)}")
         for name in ("target_modules", "exclude_modules"):
@@ -180,6 +185,23 @@ class TunerConfig:
     def replace(self, **changes: Any) -> TunerConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _non_finite(value: Any) -> str | None:
+    """repr of the first NaN/inf in a value (numbers, and inside lists/dicts), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _non_finite(item)
+            if found is not None:
+                return f"{{{key!r}: {found}}}"
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _non_finite(item)
+            if found is not None:
+                return f"[... {found} ...]"
+    return None
 
 
 def _check_regex(name: str, pattern: str) -> None:

@@ -7,6 +7,10 @@
 - `exclude_modules` (same list/str rules) removes modules first.
 
 `explain` turns an empty or partial match into a message that lists the real names nearby.
+
+Regexes come from config files, so matching is bounded: the `regex` engine (memoizes, and takes a
+time limit) runs each match under MATCH_TIMEOUT_S, and a pattern that exceeds it is a ConfigError
+naming the pattern, instead of a run that hangs on catastrophic backtracking.
 """
 
 from __future__ import annotations
@@ -17,12 +21,33 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import regex
+
 from deltatune.core.config import ConfigError, TunerConfig
+
+MATCH_TIMEOUT_S = 2.0
+"""Longest time one regex may take on one module name."""
+
+
+def fullmatch(pattern: str, name: str, *, field: str = "target_modules") -> bool:
+    """True when `pattern` matches the whole `name`, within MATCH_TIMEOUT_S.
+
+    Raises:
+        ConfigError: the pattern took too long (names the field and the pattern).
+    """
+    try:
+        return regex.fullmatch(pattern, name, timeout=MATCH_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise ConfigError(
+            f"{field}={pattern!r} took more than {MATCH_TIMEOUT_S:g} s to match the module name {name!r} "
+            "(catastrophic backtracking, e.g. nested repeats like (.*)*); simplify the regex, e.g. r'.*\\.q_proj', "
+            "or give a list of module names"
+        ) from None
 
 
 def _matches_spec(name: str, spec: Sequence[str] | str) -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return fullmatch(spec, name)
     return name in spec or any(name.endswith("." + key) for key in spec)
 
 
@@ -32,7 +57,10 @@ def _layer_index(name: str, layers_pattern: Sequence[str] | str | None) -> int |
         found = re.match(r".*\.[^.]*\.(\d+)\.", name)
         return int(found.group(1)) if found else None
     for pattern in patterns:
-        found = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+        try:
+            found = regex.match(rf".*\.{pattern}\.(\d+)\.", name, timeout=MATCH_TIMEOUT_S)
+        except TimeoutError:
+            raise ConfigError(f"layers_pattern={pattern!r} took too long to match {name!r}; simplify it") from None
         if found:
             return int(found.group(1))
     return None
@@ -48,7 +76,7 @@ def is_target(name: str, config: TunerConfig, target_modules: Sequence[str] | st
     if spec is None or is_excluded(name, config):
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return fullmatch(spec, name)
     if name in spec:
         return True
     if not any(name.endswith("." + key) for key in spec):

@@ -89,12 +89,14 @@ def read_config(directory: str | os.PathLike) -> TunerConfig:
         raise AdapterFileError(f"adapter directory {str(path)!r} does not exist")
     if not config_path.is_file():
         present = sorted(p.name for p in path.iterdir())[:20]
+        inside = sorted((p for p in path.iterdir() if (p / CONFIG_NAME).is_file()), key=lambda p: p.name != "adapter")
+        hint = f"did you mean {inside[0]}? " if inside else ""  # e.g. a `deltatune sft` run folder
         raise AdapterFileError(
             f"{config_path} is missing: an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME} "
-            f"(found: {present}). Point at the folder save_pretrained() wrote."
+            f"(found: {present}). {hint}Point at the folder save_pretrained() wrote."
         )
     try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
+        data = json.loads(config_path.read_text(encoding="utf-8-sig"))  # a leading BOM is accepted
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -102,7 +104,7 @@ def read_config(directory: str | os.PathLike) -> TunerConfig:
     sidecar_path = path / SIDECAR_NAME
     if sidecar_path.is_file():
         try:
-            sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+            sidecar = json.loads(sidecar_path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterFileError(f"{sidecar_path} is not valid JSON: {exc}") from None
         sidecar.pop("deltatune_version", None)

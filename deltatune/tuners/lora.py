@@ -375,10 +375,28 @@ class LoraConv(_LoraBase):
 # ---------------------------------------------------------------------------------------------
 # The one place LoraConfig is read.
 # ---------------------------------------------------------------------------------------------
+def check_rank(r: int, info: LayerInfo, module_name: str) -> None:
+    """Refuse, before allocating, a rank beyond the layer's widths or an update that cannot fit in memory.
+
+    Ranks up to in + out are accepted (peft saves and loads ranks above min(in, out), which add no
+    capacity but are legal); anything larger is a mistake, such as r=10**9."""
+    from deltatune.core.limits import check_allocation
+
+    fan_in = info.in_features * math.prod(info.kernel_size or (1,)) // max(info.groups, 1)
+    widths = (fan_in, info.out_features)
+    if min(widths) > 0 and r > sum(widths):
+        raise ConfigError(
+            f"r={r} exceeds the dimensions of {module_name!r} (in {widths[0]}, out {widths[1]}); a rank above "
+            f"min(in, out) = {min(widths)} adds no capacity: use r <= {min(widths)}"
+        )
+    check_allocation(r * sum(widths), what=f"LoRA r={r} on {module_name!r}", fix="lower r")
+
+
 def build(config: LoraConfig, info: LayerInfo, module_name: str) -> nn.Module:
     r = int(_pattern_value(config.rank_pattern, module_name, config.r))
     alpha = float(_pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
     scale = alpha / (math.sqrt(r) if config.use_rslora else r)
+    check_rank(r, info, module_name)
     common = dict(r=r, scale=scale, dropout=config.lora_dropout, use_dora=config.use_dora, init=config.init_lora_weights)
     if info.kind == "linear":
         return LoraLinear(info.in_features, info.out_features, **common)
