@@ -39,7 +39,7 @@ def test_non_finite_numbers_are_refused(value):
 @pytest.mark.parametrize("text", ["NaN", "Infinity"])
 def test_non_finite_alpha_in_a_file_is_refused(tmp_path, text):
     (tmp_path / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "r": 2, "lora_alpha": %s, "target_modules": ["q_proj"]}' % text
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": ' + text + ', "target_modules": ["q_proj"]}'
     )
     with pytest.raises(ConfigError, match="lora_alpha"):
         read_config(tmp_path)
