@@ -73,6 +73,19 @@ class IA3Config(TunerConfig):
                     f"target_modules={targets}. Add them to target_modules or drop them from feedforward_modules."
                 )
 
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> IA3Config:
+        """As TunerConfig.from_dict, reading feedforward entries as peft applies them: peft fills
+        feedforward_modules from its per-architecture defaults even for modules not targeted (a
+        default Llama config saves ["down_proj"] with target_modules ["q_proj", "v_proj"]), and an
+        entry that can select no target changes nothing, so it is dropped rather than refused."""
+        ff, targets = data.get("feedforward_modules") if isinstance(data, dict) else None, None
+        if isinstance(ff, list) and isinstance(data.get("target_modules"), list):
+            targets = data["target_modules"]
+            kept = [f for f in ff if any(_names_same_modules(f, t) or t.endswith(f) for t in targets)]
+            data = {**data, "feedforward_modules": kept}
+        return super().from_dict(data, source=source)
+
 
 def _names_same_modules(a: str, b: str) -> bool:
     """Whether list entries a and b can name the same module (equal, or one a dotted suffix of the other)."""
@@ -84,7 +97,7 @@ def is_feedforward(module_name: str, feedforward_modules: list[str] | str | None
     if feedforward_modules is None:
         return False
     if isinstance(feedforward_modules, str):
-        return re.fullmatch(feedforward_modules, module_name) is not None
+        return matching.fullmatch(feedforward_modules, module_name, field="feedforward_modules")
     return any(module_name.endswith(key) for key in feedforward_modules)
 
 
