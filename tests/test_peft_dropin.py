@@ -347,3 +347,91 @@ def test_bad_names_raise_value_error(call):
     tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"]))
     with pytest.raises(ValueError):
         call(tuned)
+
+
+# -- item 9: grouped convolutions and nn.MultiheadAttention -------------------------------------------
+class Tower(nn.Module):
+    """A CLIP/OpenCLIP-style block: a grouped conv stem and nn.MultiheadAttention."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 8, 3, groups=2, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, img):
+        tokens = self.stem(img).flatten(2).transpose(1, 2)  # (B, HW, 8)
+        return self.attn(tokens, tokens, tokens, need_weights=False)[0]
+
+
+def _tower(seed=0):
+    torch.manual_seed(seed)
+    return Tower().eval()
+
+
+IMG = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+
+
+def test_lora_on_grouped_conv_matches_peft_both_ways(tmp_path):
+    config = dict(target_modules=["stem"], r=4, lora_alpha=8, init_lora_weights=False)
+    ours = dt.get_tuned_model(_tower(), dt.LoraConfig(**config))
+    assert not torch.allclose(ours(IMG), _tower()(IMG))
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_tower(), tmp_path / "ours").eval()
+        torch.testing.assert_close(theirs(IMG), ours(IMG))
+        torch.manual_seed(7)
+        peft_made = peft.get_peft_model(_tower(), peft.LoraConfig(**config)).eval()
+        peft_made.save_pretrained(tmp_path / "peft")
+    loaded = dt.TunedModel.from_pretrained(_tower(), tmp_path / "peft")
+    torch.testing.assert_close(loaded(IMG), peft_made(IMG))
+    with pytest.raises(dt.MergeError, match="grouped"):
+        loaded.merge_adapter()
+    torch.testing.assert_close(loaded(IMG), peft_made(IMG))  # refused: nothing changed
+    with pytest.raises(ValueError, match="divisible"):
+        dt.get_tuned_model(_tower(), dt.LoraConfig(target_modules=["stem"], r=3))
+
+
+def test_lora_on_multihead_attention_keys_merge_and_maths(tmp_path):
+    from safetensors.torch import load_file
+
+    config = dict(target_modules=["attn"], r=2, lora_alpha=4, init_lora_weights=False)
+    ours = dt.get_tuned_model(_tower(), dt.LoraConfig(**config))
+    out = ours(IMG)
+    assert not torch.allclose(out, _tower()(IMG))
+    # the maths: MHA run with W_in + s B A and W_out + s B' A'
+    delta = ours.model.attn.deltas["default"]
+    base = _tower()
+    with torch.no_grad():
+        base.attn.in_proj_weight += delta.lora_B.weight @ delta.lora_A.weight * 2.0
+        o = delta.base_layer.out_proj
+        base.attn.out_proj.weight += o.lora_B.weight @ o.lora_A.weight * 2.0
+    torch.testing.assert_close(out, base(IMG))
+    out.sum().backward()  # trains through the replaced weights
+    assert delta.lora_A.weight.grad is not None and o.lora_B.weight.grad is not None
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(IMG), out)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(ours.model.attn.base_layer.in_proj_weight, _tower().attn.in_proj_weight)
+    # peft's file layout, key for key
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.get_peft_model(_tower(), peft.LoraConfig(**config))
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(peft.get_peft_model_state_dict(theirs))
+    merged = ours.merge_and_unload()
+    assert type(merged.attn) is nn.MultiheadAttention
+    torch.testing.assert_close(merged(IMG), out)
+
+
+def test_lora_on_multihead_attention_in_proj_matches_peft(tmp_path):
+    """peft <= 0.21 applies the out_proj update twice (peft PR #3774): compare with the out_proj update at
+    zero, where both libraries compute the same thing; the file loads in peft without key warnings."""
+    config = dict(target_modules=["attn"], r=2, lora_alpha=4, init_lora_weights=False)
+    ours = dt.get_tuned_model(_tower(), dt.LoraConfig(**config))
+    with torch.no_grad():
+        ours.model.attn.deltas["default"].base_layer.out_proj.lora_B.weight.zero_()
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(_tower(), tmp_path).eval()
+    assert not any("missing" in str(w.message).lower() or "unexpected" in str(w.message).lower() for w in record)
+    torch.testing.assert_close(theirs(IMG), ours(IMG))

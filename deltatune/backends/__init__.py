@@ -171,3 +171,7 @@ def _register_optional_backends() -> None:
 
 
 _register_optional_backends()
+
+from deltatune.backends.mha import MultiheadAttentionBackend  # noqa: E402 - needs LayerInfo above
+
+register_backend(MultiheadAttentionBackend(), first=False)

@@ -82,6 +82,17 @@ class BaseCall:
     def bias(self) -> torch.Tensor | None:
         return getattr(self._wrapper.base_layer, "bias", None)
 
+    def call_with(self, x: torch.Tensor, replaced: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Call the base layer with some of its own tensors replaced (by name, as in its state dict): for a
+        delta on a layer that reads its weights directly instead of calling submodules (MultiheadAttention).
+        Only the bottom delta of a chain can do this."""
+        if self._fn is not None:
+            raise RuntimeError(
+                f"{type(self._wrapper.base_layer).__name__}: an adapter that replaces the layer's weights cannot "
+                "run on top of another active adapter on the same layer; activate one of them at a time"
+            )
+        return functional_call(self._wrapper.base_layer, {**self._overrides, **replaced}, (x, *self._args), self._kwargs)
+
     @property
     def output_scale(self) -> torch.Tensor | float | None:
         """The base layer's own output multiplier (Gemma-style scaled embeddings: `embed_scale`), else None."""
@@ -151,7 +162,7 @@ class Passthrough(nn.Module):
         return hidden_states
 
 
-_INPUT_KEYWORDS = ("hidden_states", "x", "input", "inputs")
+_INPUT_KEYWORDS = ("hidden_states", "x", "input", "inputs", "query")
 
 BASE_ROW = "__base__"
 """The adapter name peft uses, in `adapter_names`, for rows that get the base model."""

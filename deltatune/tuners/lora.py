@@ -38,7 +38,7 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
-from deltatune.core.wrapper import BaseCall
+from deltatune.core.wrapper import BaseCall, MergeError
 from deltatune.ops.lora_linear import cast, lora_linear
 
 
@@ -326,12 +326,19 @@ class LoraConv(_LoraBase):
 
     def __init__(self, info: LayerInfo, **kw: Any):
         super().__init__(**kw)
-        if info.groups != 1:
-            raise ConfigError("LoRA on grouped convolutions (groups > 1) is not supported; exclude those layers")
         r = kw["r"]
+        self.groups = info.groups
+        if info.groups > 1:  # peft's layout: A sees every input channel, B is grouped (group g: rank chunk g -> out chunk g)
+            if r % info.groups:
+                raise ConfigError(
+                    f"LoRA on a convolution with groups={info.groups} needs r divisible by groups (got r={r}); "
+                    "choose such an r (rank_pattern can set it per layer) or exclude the layer"
+                )
+            if self.use_dora:
+                raise ConfigError("DoRA on grouped convolutions (groups > 1) is not supported; set use_dora=False")
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[info.conv_ndim]
         self.lora_A = conv(info.in_features, r, info.kernel_size, info.stride, info.padding, info.dilation, bias=False)
-        self.lora_B = conv(r, info.out_features, 1, 1, bias=False)
+        self.lora_B = conv(r, info.out_features, 1, 1, groups=info.groups, bias=False)
         self.conv_ndim = info.conv_ndim
         if self.use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones((1, info.out_features) + (1,) * info.conv_ndim))
@@ -343,6 +350,11 @@ class LoraConv(_LoraBase):
             nn.init.zeros_(self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
+        if self.groups > 1:
+            raise MergeError(
+                "LoRA on a grouped convolution (groups > 1) cannot be merged: its update mixes every input channel, "
+                "which the grouped weight cannot hold (peft refuses too). Keep it unmerged"
+            )
         a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
         out_shape = (b.shape[0],) + tuple(a.shape[1:])
         return (b.flatten(1) @ a.flatten(1)).view(out_shape) * self.scale  # (out, in, *k)
@@ -357,7 +369,8 @@ class LoraConv(_LoraBase):
         a = a_mod.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
         dropped = self.dropout(x)
-        update = conv(conv(dropped, a, None, a_mod.stride, a_mod.padding, a_mod.dilation), b) * self.scale
+        update = conv(conv(dropped, a, None, a_mod.stride, a_mod.padding, a_mod.dilation), b, groups=self.groups)
+        update = update * self.scale
         if not self.use_dora:
             return result + update
         weight = base.weight().to(x.dtype)
@@ -370,6 +383,55 @@ class LoraConv(_LoraBase):
         else:
             base_out = conv(dropped, weight, None, a_mod.stride, a_mod.padding, a_mod.dilation)
         return result + (ratio - 1) * base_out + ratio * update
+
+
+class LoraMultiheadAttention(_LoraBase):
+    """LoRA on torch.nn.MultiheadAttention (CLIP/OpenCLIP-style towers), peft's layout and meaning.
+
+    Both projections get a low-rank update: in_proj (3E, E) += s B A, out_proj (E, E) += s B' A'.
+    The layer reads those weights directly, so the unmerged forward runs it with the updated weights
+    (y = MHA_{W + s B A}(x)); the canonical weight is [in_proj; out_proj] (backends/mha.py). Keys are
+    peft's: "<mha>.lora_A.weight", "<mha>.lora_B.weight", "<mha>.base_layer.out_proj.lora_A.weight", ...
+    Dropout does not apply (there is no separate input to drop), as in peft; DoRA is refused.
+    """
+
+    def __init__(self, embed_dim: int, **kw: Any):
+        super().__init__(**kw)
+        if self.use_dora:
+            raise ConfigError("DoRA on nn.MultiheadAttention is not supported (nor in peft); set use_dora=False")
+        r = kw["r"]
+        self.lora_A = nn.Linear(embed_dim, r, bias=False)
+        self.lora_B = nn.Linear(r, 3 * embed_dim, bias=False)
+        out_proj = nn.Module()  # file keys "<mha>.base_layer.out_proj.lora_A.weight", as peft nests them
+        out_proj.lora_A = nn.Linear(embed_dim, r, bias=False)
+        out_proj.lora_B = nn.Linear(r, embed_dim, bias=False)
+        self.base_layer = nn.Module()
+        self.base_layer.out_proj = out_proj
+        for a, b in ((self.lora_A, self.lora_B), (out_proj.lora_A, out_proj.lora_B)):
+            if self.init is True:
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+                nn.init.zeros_(b.weight)
+            elif self.init == "gaussian":
+                nn.init.normal_(a.weight, std=1 / r)
+                nn.init.zeros_(b.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        out = self.base_layer.out_proj
+        d_in = self.lora_B.weight.float() @ self.lora_A.weight.float()  # (3E, E)
+        d_out = out.lora_B.weight.float() @ out.lora_A.weight.float()  # (E, E)
+        return torch.cat([d_in, d_out]) * self.scale  # (4E, E), backends/mha.py's layout
+
+    def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
+        out = self.base_layer.out_proj
+        w = base.weight()  # (4E, E): [in_proj; out_proj], frozen
+        embed = w.shape[1]
+        d_in = (self.lora_B.weight @ self.lora_A.weight) * self.scale  # (3E, E)
+        d_out = (out.lora_B.weight @ out.lora_A.weight) * self.scale  # (E, E)
+        replaced = {
+            "in_proj_weight": w[: 3 * embed] + d_in.to(w.dtype),
+            "out_proj.weight": w[3 * embed :] + d_out.to(w.dtype),
+        }
+        return base.call_with(x, replaced)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +466,8 @@ def build(config: LoraConfig, info: LayerInfo, module_name: str) -> nn.Module:
         return LoraEmbedding(info.in_features, info.out_features, padding_idx=info.padding_idx, **common)
     if info.kind == "conv":
         return LoraConv(info, **common)
+    if info.kind == "mha":
+        return LoraMultiheadAttention(info.in_features, **common)
     raise ConfigError(f"LoRA cannot adapt {module_name!r} (layer kind {info.kind!r})")
 
 
@@ -432,7 +496,7 @@ SPEC = TunerSpec(
     kind="delta",
     config=LoraConfig,
     peft_type="LORA",
-    dispatch=("linear", "embedding", "conv"),
+    dispatch=("linear", "embedding", "conv", "mha"),
     build=build,
     prepare=prepare,
     extra_trainable=extra_trainable,
