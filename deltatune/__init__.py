@@ -11,6 +11,7 @@ from deltatune.core.wrapper import MergeError, QuantizedMergeError
 from deltatune.io import AdapterFileError
 from deltatune.quantization import prepare_for_kbit_training, prepare_model_for_kbit_training
 from deltatune.tuners.adapter import AdapterConfig
+from deltatune.tuners.boft import BOFTConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.full import FullConfig
 from deltatune.tuners.ia3 import IA3Config
@@ -19,6 +20,7 @@ from deltatune.tuners.ln_tuning import LNTuningConfig
 from deltatune.tuners.loha import LoHaConfig
 from deltatune.tuners.lokr import LoKrConfig
 from deltatune.tuners.lora import LoraConfig
+from deltatune.tuners.oft import OFTConfig
 from deltatune.tuners.p_tuning import PTuningConfig
 from deltatune.tuners.part import PartConfig
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
@@ -30,6 +32,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterConfig",
     "AdapterLoadError",
+    "BOFTConfig",
     "BitFitConfig",
     "ConfigError",
     "FullConfig",
@@ -40,6 +43,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "PartConfig",
     "PTuningConfig",
     "PrefixTuningConfig",

@@ -14,8 +14,6 @@ LORA_FAMILY = "belongs to the LoRA-family work (AdaLoRA, trainable tokens), not 
 NOT_IMPLEMENTED = {
     "ADALORA": LORA_FAMILY,
     "TRAINABLE_TOKENS": LORA_FAMILY,
-    "OFT": TODO,
-    "BOFT": TODO,
     "VERA": TODO,
     "FOURIERFT": TODO,
     "HRA": TODO,

@@ -33,6 +33,8 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.prefix_tuning",
     "deltatune.tuners.loha",
     "deltatune.tuners.lokr",
+    "deltatune.tuners.oft",
+    "deltatune.tuners.boft",
 )
 
 
@@ -137,7 +139,10 @@ def get_spec(name: str) -> TunerSpec:
     _load_builtins()
     spec = _REGISTRY.get(name.lower()) if isinstance(name, str) else None
     if spec is None:
-        raise ConfigError(f"unknown tuner {name!r}; known tuners: {', '.join(sorted(_REGISTRY))}")
+        from deltatune.suggest import did_you_mean
+
+        hint = did_you_mean(name, _REGISTRY)
+        raise ConfigError(f"unknown tuner {name!r}; {hint}known tuners: {', '.join(sorted(_REGISTRY))}")
     return spec
 
 
