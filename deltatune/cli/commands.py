@@ -60,8 +60,12 @@ def _load(ns, *, adapter: str | None, merge: bool = False) -> tuple[Any, Any]:
     from deltatune.models import load_model, load_tokenizer, resolve_model
 
     if adapter:
-        read_config(adapter)  # validate the adapter's config before any weights load
-    source, _ = resolve_model(ns.model, trust_remote_code=ns.trust_remote_code)
+        import warnings
+
+        with warnings.catch_warnings():  # the load below reads it again and warns once
+            warnings.simplefilter("ignore")
+            read_config(adapter)  # validate the adapter's config before any weights load
+    source, _ = resolve_model(ns.model, trust_remote_code=ns.trust_remote_code, hub=getattr(ns, "hub", None))
     tokenizer = load_tokenizer(source, trust_remote_code=ns.trust_remote_code)
     model = load_model(source, dtype=ns.dtype, trust_remote_code=ns.trust_remote_code)
     if adapter:
@@ -142,27 +146,36 @@ def run_eval(ns) -> int:
 
 # -- export -----------------------------------------------------------------------------------------
 def run_export(ns) -> int:
+    from deltatune.export.cli import check_flags, push, write_card, write_gguf_export
     from deltatune.train.outdir import check_replaceable, mark_written, replace_folder
 
     out = Path(ns.output_dir)
     check_replaceable(out, overwrite=ns.overwrite)  # --overwrite replaces only what deltatune wrote
-    model, tokenizer = _load(ns, adapter=ns.adapter, merge=ns.merge)
+    check_flags(ns)
+    to = getattr(ns, "to", "hf")
+    model, tokenizer = _load(ns, adapter=ns.adapter, merge=ns.merge or to == "gguf")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if ns.merge:
+        if to != "hf":
+            what = write_gguf_export(ns, model, tokenizer, tmp)
+        elif ns.merge:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             what = "merged model (load with transformers.AutoModelForCausalLM.from_pretrained)"
         else:
             model.save_pretrained(tmp)  # only adapter_config.json, adapter_model.safetensors (+ sidecar)
             what = "PEFT adapter (load with deltatune or peft)"
+        if getattr(ns, "push_to_hub", None):
+            write_card(ns, tmp)  # README.md model card, uploaded with the files
         mark_written(tmp, "merged model" if ns.merge else "adapter")
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {what} to {out}: {files}")
+    if getattr(ns, "push_to_hub", None):
+        push(ns, out)
     return 0
 
 
@@ -244,3 +257,10 @@ def run_datasets(ns) -> int:
         where = "offline" if spec.offline else (spec.hf_id or spec.ms_id or "")
         print(f"{spec.name:24s} {spec.format:15s} {where}")
     return 0
+
+
+# -- serve ------------------------------------------------------------------------------------------
+def run_serve(ns) -> int:
+    from deltatune.serve.server import run
+
+    return run(ns)

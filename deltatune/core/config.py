@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 # Keys peft writes into adapter_config.json that carry no meaning for the adapter's math.
 PEFT_BOOKKEEPING_KEYS = frozenset(
@@ -42,8 +42,9 @@ def check_adapter_name(name: str) -> str:
     """Return ``name`` if it is a safe adapter name (also used as a folder name), else raise."""
     if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name):
         raise ConfigError(
-            f"invalid adapter name {name!r}: use 1-64 characters from [A-Za-z0-9._-], starting with a "
-            "letter or digit (adapter names become folder names, so '/', '..' and spaces are refused)"
+            f"invalid adapter name {name!r}: use 1-64 characters from [A-Za-z0-9_-], starting with a "
+            "letter or digit, e.g. 'v1_0' (names become folder names and module keys, so '/', '.' and spaces "
+            "are refused)"
         )
     return name
 

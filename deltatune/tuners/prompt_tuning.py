@@ -80,7 +80,8 @@ def _text_ids(config: PromptTuningConfig, rows: int) -> list[int]:
 
         kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
         try:
-            tok = AutoTokenizer.from_pretrained(tok, local_files_only=True, **kwargs)
+            # explicit False: transformers would otherwise ask on the terminal for a remote-code tokenizer
+            tok = AutoTokenizer.from_pretrained(tok, local_files_only=True, trust_remote_code=False, **kwargs)
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"tokenizer_name_or_path={tok!r}: no tokenizer there locally ({exc}); deltatune never downloads "
