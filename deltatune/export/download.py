@@ -1,0 +1,108 @@
+"""Models from the ModelScope hub, beside Hugging Face ids and local folders.
+
+A model name goes to ModelScope when the user asks for it: an `ms://owner/name` or
+`modelscope://owner/name` prefix, `--hub modelscope` (environment: `DELTATUNE_HUB=ms`), or a
+registry entry published on ModelScope only. The files are fetched with the `modelscope` SDK's
+`snapshot_download` into `$DELTATUNE_CACHE/modelscope/` and the folder is loaded like any local one.
+
+What is fetched is what loads without running code: JSON configs, safetensors weights and tokenizer
+files. `.bin`/`.pt` pickles are never downloaded, and neither are `.py` files unless the caller
+passed trust_remote_code; a folder that still maps to custom code is refused by
+deltatune.models.registry.check_remote_code before anything is imported.
+
+Offline (`DELTATUNE_OFFLINE=1`, `HF_HUB_OFFLINE=1` or `MODELSCOPE_OFFLINE=1`) only the local cache
+is used; online, a hub that cannot be reached falls back to a cached copy when there is one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from deltatune.assets import cache_root
+
+MS_PREFIXES = ("ms://", "modelscope://")
+_MS_NAMES = ("ms", "modelscope")
+_SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.md"]
+_OFFLINE_ENV = ("DELTATUNE_OFFLINE", "HF_HUB_OFFLINE", "MODELSCOPE_OFFLINE")
+
+
+def wants_modelscope(hub: str | None = None) -> bool:
+    """True when the caller (or DELTATUNE_HUB) chose ModelScope."""
+    chosen = (hub or os.environ.get("DELTATUNE_HUB") or "").strip().lower()
+    return chosen in _MS_NAMES
+
+
+def modelscope_id(name: str) -> str | None:
+    """`owner/name` for an `ms://` / `modelscope://` name, else None."""
+    for prefix in MS_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_ENV)
+
+
+def download_model(repo_id: str, *, trust_remote_code: bool = False, revision: str | None = None, log=print) -> Path:
+    """A local folder holding ModelScope model `repo_id` (downloaded, or from the cache).
+
+    Raises:
+        ModelError: a malformed id, the SDK missing, offline without a cached copy, or the hub
+            unreachable / refusing with no cached copy.
+    """
+    from deltatune.models.registry import ModelError
+
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")) or ".." in repo_id:
+        raise ModelError(f"ModelScope model id must be 'owner/name', got {repo_id!r}")
+    if importlib.util.find_spec("modelscope") is None:
+        raise ModelError(
+            f"model {repo_id!r} comes from ModelScope, which needs its SDK: pip install 'deltatune[hub]' (or pip install modelscope)"
+        )
+    from modelscope import snapshot_download
+
+    patterns = _SAFE_PATTERNS + (["*.py"] if trust_remote_code else [])
+    cache = cache_root() / "modelscope"
+    kwargs = dict(revision=revision, cache_dir=str(cache), allow_patterns=patterns)
+    logging.getLogger("modelscope_hub").setLevel(logging.WARNING)
+    if not _offline():
+        try:
+            return _checked(Path(snapshot_download(repo_id, **kwargs)), repo_id)
+        except ModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 - unreachable, refused, not found: try the cache, else say so
+            reason = _first_line(err)
+        try:
+            folder = _checked(Path(snapshot_download(repo_id, local_files_only=True, **kwargs)), repo_id)
+        except Exception:  # noqa: BLE001
+            raise ModelError(
+                f"could not download {repo_id!r} from ModelScope: {reason}; offline, use a local folder or a "
+                "registry model that is available offline (`deltatune models`)"
+            ) from None
+        log(f"ModelScope unreachable ({reason}); using the cached copy of {repo_id} in {folder}")
+        return folder
+    try:
+        return _checked(Path(snapshot_download(repo_id, local_files_only=True, **kwargs)), repo_id)
+    except Exception:  # noqa: BLE001
+        raise ModelError(
+            f"model {repo_id!r} is not in the ModelScope cache ({cache}) and this run is offline; unset "
+            "DELTATUNE_OFFLINE / HF_HUB_OFFLINE / MODELSCOPE_OFFLINE to download it, or use a local folder"
+        ) from None
+
+
+def _checked(folder: Path, repo_id: str) -> Path:
+    from deltatune.models.registry import ModelError
+
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"ModelScope repo {repo_id!r} has no config.json (or only pickled weights); it is not a transformers model"
+        )
+    return folder
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
