@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 from deltatune.cli.errors import INTERNAL, OK, describe, exit_code
 from deltatune.core.config import field_docs
+from deltatune.export.cli import add_export_flags
+from deltatune.suggest import SuggestingParser
 from deltatune.tasks.registry import task_names
 from deltatune.train.args import TrainArgs
 
@@ -54,6 +56,7 @@ _SFT_FLAGS: list[tuple[str, str, dict]] = [
     ("--packing", "packing", {"action": argparse.BooleanOptionalAction}),
     ("--report-to", "report_to", {"choices": ["tensorboard", "wandb", "mlflow"]}),
     ("--resume", "resume", {"nargs": "?", "const": True, "metavar": "PATH"}),
+    ("--allow-changes", "allow_changes", {"action": "store_true"}),
     ("--overwrite", "overwrite", {"action": "store_true"}),
     ("--gradient-checkpointing", "gradient_checkpointing", {"action": "store_true"}),
     ("--dtype", "dtype", {"choices": ["fp32", "bf16", "fp16"]}),
@@ -83,13 +86,11 @@ def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-_COMPUTING = ("sft", "infer", "eval", "export")  # commands that run the model: --threads, and the policy line
+_COMPUTING = ("sft", "infer", "eval", "export", "serve")  # commands that run the model: --threads, and the policy line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deltatune", description="Parameter-efficient fine-tuning from the command line."
-    )
+    parser = SuggestingParser(prog="deltatune", description="Parameter-efficient fine-tuning from the command line.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output-dir", required=True)
     export.add_argument("--merge", action="store_true", help="write the merged model (plain transformers folder)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    add_export_flags(export)  # --to gguf/gguf-lora, --gguf-type, --ollama, --push-to-hub, --hub, --private, --dry-run
 
     inspect = sub.add_parser("inspect", help="what a tuner would target and train, without loading weights")
     inspect.add_argument("--model", default="smollm2-135m-instruct", help="registry name, local folder or hub id")
@@ -142,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--quantize", choices=["4bit", "8bit"])
     inspect.add_argument("--trust-remote-code", action="store_true")
     inspect.add_argument("--show", type=int, default=12, help="matched module names to list")
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server: base model + many adapters, batched together")
+    _add_common_model_flags(serve, adapter=None)
+    from deltatune.serve.server import add_flags as add_serve_flags
+
+    add_serve_flags(serve)
 
     sub.add_parser("models", help="list the model registry")
     datasets = sub.add_parser("datasets", help="list the dataset catalogue")
