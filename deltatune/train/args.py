@@ -85,6 +85,9 @@ class TrainArgs:
     """Also send metrics to tensorboard, wandb or mlflow (accelerate trackers); logs.jsonl and loss.png stay."""
     resume: str | bool = False
     """Continue from the newest valid checkpoint (of output_dir, or of the given run/checkpoint folder)."""
+    allow_changes: bool = False
+    """With --resume: accept changed learning rate, schedule, warmup, clipping, weight decay or a shorter
+    run (the differences are printed). A longer run (--max-steps up) needs no flag."""
     overwrite: bool = False
     """Delete an existing run in output_dir and start over."""
     gradient_checkpointing: bool = False
@@ -171,7 +174,10 @@ class TrainArgs:
         changes = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
+            from deltatune.suggest import did_you_mean
+
+            hint = did_you_mean(unknown[0], known)
+            raise ConfigError(f"{source}: unknown keys {unknown}; {hint}valid keys: {', '.join(sorted(known))}")
         if changes.get("trust_remote_code"):
             raise ConfigError(f"{source}: trust_remote_code cannot be set from a file; pass --trust-remote-code")
         return dataclasses.replace(self, **changes)

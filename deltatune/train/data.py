@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +41,19 @@ GROUP_WINDOW = 16
 class StepData:
     """Micro-batches of each optimizer step, for one process of `world_size`."""
 
-    def __init__(self, examples: list[dict[str, list[int]]], *, batch_size: int, grad_accum: int, seed: int,
-                 pad_id: int, world_size: int = 1, rank: int = 0, group_by_length: bool = False,
-                 split_by_length: bool = False):  # fmt: skip
+    def __init__(self, examples: list[dict[str, Any]], *, batch_size: int, grad_accum: int, seed: int,
+                 pad_id: int = 0, world_size: int = 1, rank: int = 0, group_by_length: bool = False,
+                 split_by_length: bool = False, collate_fn: Callable[[list], dict] | None = None,
+                 length: Callable[[dict], int] | None = None):  # fmt: skip
+        """`collate_fn` batches examples (default: right-padded token ids with `pad_id`); `length`
+        gives an example's length (default: its input_ids); without lengths (length=None and no
+        input_ids) the length options are off."""
         self.examples = examples
+        self.collate_fn = collate_fn or (lambda rows: collate(rows, self.pad_id))
+        has_ids = bool(examples) and isinstance(examples[0].get("input_ids"), list)
+        self.length = length or ((lambda e: len(e["input_ids"])) if has_ids else None)
+        if self.length is None:
+            group_by_length = split_by_length = False
         self.group_by_length, self.split_by_length = group_by_length, split_by_length
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.world_size, self.rank = world_size, rank
@@ -76,7 +86,7 @@ class StepData:
         ordered: list[int] = []
         for start in range(0, used, window):
             part = perm[start : min(start + window, used)]
-            part.sort(key=lambda i: -len(self.examples[i]["input_ids"]))  # stable: ties keep the random order
+            part.sort(key=lambda i: -self.length(self.examples[i]))  # stable: ties keep the random order
             ordered += part
         batches = [ordered[i : i + size] for i in range(0, used, size)]
         return [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]] + perm[used:]
@@ -92,29 +102,63 @@ class StepData:
             start = (micro * self.world_size + self.rank) * self.batch_size
             rows = [self.examples[i] for i in order[start : start + self.batch_size]]
             if self.split_by_length and len(rows) > 1:
-                out += [collate(part, self.pad_id) for part in _split_by_length(rows)]
+                out += [self.collate_fn(part) for part in _split_by_length(rows, self.length)]
             else:
-                out.append(collate(rows, self.pad_id))
+                out.append(self.collate_fn(rows))
         return out
 
 
-def _split_by_length(rows: list[dict[str, list[int]]]) -> tuple[list, list]:
+def _split_by_length(rows: list[dict[str, Any]], length: Callable[[dict], int] | None = None) -> tuple[list, list]:
     """The rows sorted by length, cut in two where the padded size of both halves is smallest.
 
     Always two parts, so every process of a multi-process run does the same number of backward
     passes. The loop normalises the loss over all tokens of the step, so the update is the same as
     for the uncut batch; only the padding, and the compute spent on it, shrinks. (Three parts
     measured no faster on the default run, four slower: smaller matmuls, more passes.)"""
-    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
-    lengths = [len(row["input_ids"]) for row in ordered]
+    length = length or (lambda row: len(row["input_ids"]))
+    ordered = sorted(rows, key=length)
+    lengths = [length(row) for row in ordered]
     longest = lengths[-1]
     cut = min(range(1, len(ordered)), key=lambda k: k * lengths[k - 1] + (len(ordered) - k) * longest)
     return ordered[:cut], ordered[cut:]
 
 
 def fingerprint(examples: list[dict[str, Any]], extra: dict[str, Any]) -> str:
-    """sha256 over the token ids, labels and the settings that define the data stream."""
+    """sha256 over the examples (token ids and labels; tensors by their bytes) and the settings
+    that define the data stream."""
     digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
     for example in examples:
-        digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+        if isinstance(example.get("input_ids"), list) and isinstance(example.get("labels"), list):
+            digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+            continue
+        for key in sorted(example):
+            value = example[key]
+            digest.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                digest.update(str((value.dtype, tuple(value.shape))).encode())
+                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(json.dumps(value, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def split_rows(
+    rows: list, val_size: float | None, seed: int, log: Callable[[str], None] | None = None
+) -> tuple[list, list]:
+    """(train rows, held-out rows) of a run, the same for every task.
+
+    `val_size`: a count >= 1 or a fraction; 0 holds nothing out; None chooses for the data size
+    (deltatune.data.loading.choose_val_size, which says what it chose through `log`).
+
+    Raises:
+        DataError: an explicit size that leaves no training rows.
+    """
+    from deltatune.data import train_val_split
+    from deltatune.data.loading import choose_val_size
+
+    size, note = choose_val_size(len(rows), val_size)
+    if note and log is not None:
+        log(note)
+    if not size:
+        return list(rows), []
+    return train_val_split(rows, int(size) if size >= 1 else float(size), seed=seed)

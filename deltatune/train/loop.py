@@ -27,16 +27,17 @@ from typing import Any
 import torch
 
 from deltatune.core.tuned_model import TunedModel, get_tuned_model
-from deltatune.train import checkpoint as ckpt
-from deltatune.train.args import TrainArgs, stable_hash
 from deltatune.tasks.base import TaskData, headline
 from deltatune.tasks.registry import get_task
+from deltatune.train import checkpoint as ckpt
+from deltatune.train.args import TrainArgs, stable_hash
 from deltatune.train.data import StepData, fingerprint
 from deltatune.train.errors import DivergedError, GradientCheckError, Interrupted, NothingToDo, ResumeError
 from deltatune.train.faults import maybe_fault
 from deltatune.train.metrics import MetricsLog, plot_losses
 from deltatune.train.optim import build_optimizer, lr_factor, set_lr, trainable_parameters
 from deltatune.train.outdir import RunLock, missing_outputs, prepare_output_dir, save_final_adapter
+from deltatune.train.resume import apply_knobs, check_knobs
 from deltatune.train.setup import build_tuner_config, config_from_args, diff, structural
 
 
@@ -149,19 +150,12 @@ def train(
                   "group_by_length": args.group_by_length, "split_by_length": args.split_by_length}  # fmt: skip
         data_fp = fingerprint(data.train, {"seed": args.seed, **layout})
 
-        # -- model (new heads and adapters are seeded; the tuner config may depend on the model) ----
-        torch.manual_seed(args.seed)
-        if model is None:
-            say(f"loading {args.model} ...")
-            model = task.load_model(args, data, say)
-        if isinstance(model, TunedModel):
-            config = model.peft_config[model.active_adapters[0]]
-        else:
-            defaults = task.tuner_defaults(args, model, model_spec)
-            tuner_args = dict(args.tuner_args)
-            if defaults.get("modules_to_save") and tuner_args.get("modules_to_save"):  # a task's new head always trains
-                tuner_args["modules_to_save"] = list(dict.fromkeys([*tuner_args["modules_to_save"], *defaults["modules_to_save"]]))
-            config = config_from_args(args.tuner, tuner_args, defaults)
+        # -- tuner config (a task whose defaults depend on the model loads it first) ----------------
+        config = _tuner_config(task, args, model, model_spec)
+        base_loaded = config is None
+        if base_loaded:
+            model = _load_base(task, args, data, say)
+            config = _tuner_config(task, args, model, model_spec)
         task_shape = task.structural() if hasattr(task, "structural") else {}
         shape = structural(
             config, task=args.task, model=args.model, tuner=args.tuner, max_length=args.max_length, **task_shape,
@@ -191,6 +185,9 @@ def train(
                         f"cannot resume {found[0]}: the training data changed ({extra}); exact resume needs "
                         "the same dataset, seed and batch layout"
                     )
+                state = ckpt.read_json(found[0] / "trainer_state.json")
+                check_knobs(saved_args["args"], args, step=found[1]["step"], saved_total=state.get("total_steps"),
+                            total=total, allow=args.allow_changes, log=say)  # fmt: skip
                 missing = missing_outputs(out, plot=args.plot) if found[1]["step"] >= total else []
                 if missing:  # killed, or the disk filled, between the last checkpoint and the outputs
                     say(f"{found[0].name} is the run's last step; writing what is missing ({', '.join(missing)})")
@@ -212,7 +209,11 @@ def train(
             else:
                 metrics.path.unlink()
 
-        # -- adapter --------------------------------------------------------------------------------
+        # -- model and adapter (seeded: new heads, adapter init) ------------------------------------
+        if model is None:
+            model = _load_base(task, args, data, say)
+        elif not base_loaded:
+            torch.manual_seed(args.seed)  # adapter init
         tuned = model if isinstance(model, TunedModel) else get_tuned_model(model, config)
         if getattr(tuned, "config", None) is not None and hasattr(tuned.config, "use_cache"):
             tuned.config.use_cache = False
@@ -226,10 +227,13 @@ def train(
         )
         if found:
             _restore(found[0], tuned, optimizer, param_names, accelerator)
+            apply_knobs(optimizer, args)  # this run's weight decay / LoRA+ ratio (checked by check_knobs)
             say(f"resumed from {found[0]} (step {start_step})")
         trainable, all_params = tuned.get_nb_trainable_parameters()
         adapter = tuned.adapters[tuned.active_adapters[0]]
-        saved = f" + {', '.join(adapter.saved_modules)} trained in full" if getattr(adapter, "saved_modules", None) else ""
+        saved = (
+            f" + {', '.join(adapter.saved_modules)} trained in full" if getattr(adapter, "saved_modules", None) else ""
+        )
         say(f"{args.tuner} on {len(adapter.targets)} modules{saved}")
         say(f"trainable params: {trainable:,d} of {all_params:,d} ({100 * trainable / all_params:.3f}%)")
         tuned.to(accelerator.device)
@@ -244,7 +248,9 @@ def train(
             if result.eval_before and is_main:
                 metrics.write({"event": "eval", "step": 0, **result.eval_before})
             if is_main and before:
-                metrics.write({"event": "samples", "step": 0, "answers": [s["output"] for s in before], "samples": before})
+                metrics.write(
+                    {"event": "samples", "step": 0, "answers": [s["output"] for s in before], "samples": before}
+                )
         else:
             records = metrics.read()
             result.eval_before = next(
@@ -314,7 +320,9 @@ def train(
                 result.losses.append(loss)
                 if is_main:
                     metrics.write(record)
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{f"{kind[:3]}_s": f"{record[f'{kind}_per_s']:.0f}"})
+                    progress.set_postfix(
+                        loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{f"{kind[:3]}_s": f"{record[f'{kind}_per_s']:.0f}"}
+                    )
                     progress.update(1)
                 result.steps = number
                 maybe_fault("after_step", number)
@@ -365,6 +373,28 @@ def _jsonable(args: TrainArgs) -> dict[str, Any]:
         k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
         for k, v in args.to_dict().items()
     }
+
+
+def _tuner_config(task, args: TrainArgs, model, model_spec):
+    """The run's tuner config: --tuner-args over the task's defaults; None while the task needs the
+    model for them and it is not loaded yet."""
+    if isinstance(model, TunedModel):
+        return model.peft_config[model.active_adapters[0]]
+    defaults = task.tuner_defaults(args, model, model_spec)
+    if defaults is None:
+        return None
+    tuner_args = dict(args.tuner_args)
+    if defaults.get("modules_to_save") and tuner_args.get("modules_to_save"):  # a task's new head always trains
+        tuner_args["modules_to_save"] = list(
+            dict.fromkeys([*tuner_args["modules_to_save"], *defaults["modules_to_save"]])
+        )
+    return config_from_args(args.tuner, tuner_args, defaults)
+
+
+def _load_base(task, args: TrainArgs, data: TaskData, say):
+    torch.manual_seed(args.seed)  # new heads; the adapter init follows
+    say(f"loading {args.model} ...")
+    return task.load_model(args, data, say)
 
 
 def _samples(task, model, data: TaskData, args: TrainArgs, device) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ from typing import Any
 from deltatune.core.config import ConfigError, TunerConfig, field_docs
 from deltatune.core.registry import get_spec
 from deltatune.models import ModelSpec
+from deltatune.suggest import did_you_mean
 
 # Config fields that describe where an adapter came from, not what it computes.
 _NON_STRUCTURAL = {"inference_mode", "base_model_name_or_path", "revision"}
@@ -34,7 +35,8 @@ def config_from_args(tuner: str, tuner_args: dict[str, Any], defaults: dict[str,
     unknown = sorted(set(tuner_args) - set(valid))
     if unknown:
         raise ConfigError(
-            f"--tuner-args: unknown {spec.name} field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
+            f"--tuner-args: unknown {spec.name} field(s) {unknown}; {did_you_mean(unknown[0], valid)}"
+            f"valid fields: {', '.join(sorted(valid))}"
         )
     kwargs = dict(tuner_args)
     for name, value in {**spec.config.run_defaults, **defaults}.items():
@@ -53,12 +55,17 @@ def build_tuner_config(tuner: str, tuner_args: dict[str, Any], model_spec: Model
     know gets every linear layer for layer-adapting tuners, and input/side/select tuners choose
     what they touch from their own fields.
     """
+    return config_from_args(tuner, tuner_args, default_fields(tuner, model_spec))
+
+
+def default_fields(tuner: str, model_spec: ModelSpec | None) -> dict[str, Any]:
+    """The registry's defaults of a causal LM run: targets by role, else every linear layer."""
     spec = get_spec(tuner)
     defaults: dict[str, Any] = dict(model_spec.targets_for(spec.name)) if model_spec else {}
     if model_spec is None and spec.kind == "delta":
         defaults["target_modules"] = "all-linear"
     defaults["task_type"] = model_spec.task_type if model_spec else "CAUSAL_LM"
-    return config_from_args(tuner, tuner_args, defaults)
+    return defaults
 
 
 def structural(config: TunerConfig, **extra: Any) -> dict[str, Any]:
