@@ -20,6 +20,7 @@ from deltatune.tuners.ln_tuning import LNTuningConfig
 from deltatune.tuners.loha import LoHaConfig
 from deltatune.tuners.lokr import LoKrConfig
 from deltatune.tuners.lora import LoraConfig
+from deltatune.tuners.lora_conversion import convert_to_lora  # peft's name
 from deltatune.tuners.oft import OFTConfig
 from deltatune.tuners.p_tuning import PTuningConfig
 from deltatune.tuners.part import PartConfig
@@ -55,6 +56,7 @@ __all__ = [
     "TunerConfig",
     "TunerSpec",
     "all_specs",
+    "convert_to_lora",
     "get_spec",
     "get_base_model_state_dict",
     "get_peft_model_state_dict",

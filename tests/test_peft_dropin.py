@@ -435,3 +435,46 @@ def test_lora_on_multihead_attention_in_proj_matches_peft(tmp_path):
         theirs = peft.PeftModel.from_pretrained(_tower(), tmp_path).eval()
     assert not any("missing" in str(w.message).lower() or "unexpected" in str(w.message).lower() for w in record)
     torch.testing.assert_close(theirs(IMG), ours(IMG))
+
+
+# -- item 12: prefix tuning on encoders without a KV cache -----------------------------------------------
+def _deberta():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, num_labels=2,
+    )  # fmt: skip
+    return DebertaV2ForSequenceClassification(cfg).eval()
+
+
+def test_prefix_tuning_on_an_encoder_without_a_kv_cache_is_refused_up_front():
+    with pytest.raises(dt.ConfigError, match="KV cache"):
+        dt.get_tuned_model(_deberta(), dt.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    # peft builds it, then fails on the first forward: the refusal only comes earlier here
+    theirs = peft.get_peft_model(_deberta(), peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    with pytest.raises((ValueError, TypeError)):
+        theirs(input_ids=IDS)
+    dt.get_tuned_model(_deberta(), dt.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))(input_ids=IDS)
+
+
+# -- item 10: convert_to_lora ---------------------------------------------------------------------------
+def test_convert_to_lora_is_exact_at_full_rank_and_loads_in_peft(tmp_path):
+    ia3 = dt.get_tuned_model(_llama(), dt.IA3Config(init_ia3_weights=False))  # peft's llama defaults
+    want = ia3(input_ids=IDS).logits
+    config, state = dt.convert_to_lora(ia3, rank=1.0)  # all the energy: each layer's full rank, exact
+    assert {"model.layers.0.mlp.down_proj": 16, "model.layers.0.self_attn.k_proj": 8}.items() <= config.rank_pattern.items()
+    lora = dt.get_tuned_model(_llama(), config)
+    dt.set_peft_model_state_dict(lora, state)
+    torch.testing.assert_close(lora(input_ids=IDS).logits, want, atol=1e-4, rtol=0)
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(**{k: v for k, v in config.to_peft_dict()[0].items() if k != "peft_type"}))
+    peft.set_peft_model_state_dict(theirs, state)
+    torch.testing.assert_close(theirs(input_ids=IDS).logits, want, atol=1e-4, rtol=0)
+    small, small_state = dt.convert_to_lora(ia3, rank=4)
+    assert small.r == small.lora_alpha == 4 and not small.rank_pattern
+    assert small_state["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 32)
+    with pytest.raises(ValueError, match="larger than the weight"):
+        dt.convert_to_lora(ia3, rank=9)
+    with pytest.raises(ValueError, match="threshold"):
+        dt.convert_to_lora(ia3, rank=1.5)
