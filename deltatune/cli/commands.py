@@ -146,6 +146,10 @@ def run_eval(ns) -> int:
 
 # -- export -----------------------------------------------------------------------------------------
 def run_export(ns) -> int:
+    if getattr(ns, "for_server", None) == "vllm":
+        from deltatune.serve.vllm import export_for_vllm
+
+        return export_for_vllm(ns, _load)
     from deltatune.export.cli import check_flags, push, write_card, write_gguf_export
     from deltatune.train.outdir import check_replaceable, mark_written, replace_folder
 

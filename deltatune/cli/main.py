@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output-dir", required=True)
     export.add_argument("--merge", action="store_true", help="write the merged model (plain transformers folder)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    export.add_argument(
+        "--for", dest="for_server", choices=["vllm"], default=None,
+        help="vllm: check the adapter against vLLM's LoRA support, write a folder vLLM loads and the `vllm serve` command",
+    )  # fmt: skip
     add_export_flags(export)  # --to gguf/gguf-lora, --gguf-type, --ollama, --push-to-hub, --hub, --private, --dry-run
 
     inspect = sub.add_parser("inspect", help="what a tuner would target and train, without loading weights")
