@@ -90,6 +90,10 @@ def prepare_output_dir(folder: Path, *, resume: bool, overwrite: bool) -> None:
     """
     if folder.exists() and not folder.is_dir():
         raise OutputDirError(f"--output-dir {folder} is a file; give a folder")
+    if resume and is_empty(folder):
+        from deltatune.train.errors import ResumeError
+
+        raise ResumeError(f"--resume: {folder} holds no run to resume; drop --resume to start a new run there")
     if resume:
         remove_stale_outputs(folder)
     if is_empty(folder) or resume:
