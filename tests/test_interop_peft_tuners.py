@@ -36,6 +36,10 @@ METHODS = {
     ),
     "boft": ("BOFTConfig", {"boft_block_size": 4}, {"llama": LLAMA, "conv": ["conv2"]}),
     "boft-num": ("BOFTConfig", {"boft_block_size": 0, "boft_block_num": 2}, {"llama": LLAMA}),
+    "fourierft": ("FourierFTConfig", {"n_frequency": 40, "scaling": 20.0}, {"llama": LLAMA}),
+    "fourierft-init": ("FourierFTConfig", {"n_frequency": 30, "init_weights": True, "random_loc_seed": 5}, {"llama": LLAMA}),
+    "hra": ("HRAConfig", {"r": 4}, {"llama": LLAMA, "conv": CONV2D}),
+    "hra-gs": ("HRAConfig", {"r": 3, "apply_GS": True, "init_weights": False}, {"llama": LLAMA, "conv": CONV2D}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model
@@ -102,3 +106,16 @@ def test_peft_adapter_loads_in_deltatune(tmp_path, method, tiny_name):
     assert not [str(w.message) for w in record if "unknown" in str(w.message)], "peft wrote fields we do not read"
     assert get_spec(ours.adapters["default"].spec.name).peft_type == _theirs(method, tiny_name).peft_type.value
     torch.testing.assert_close(contract.run(tiny, ours), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fourierft_small_layers_get_all_frequencies_and_peft_agrees(tmp_path):
+    """n_frequency above a layer's size (peft refuses it) is capped per layer through n_frequency_pattern."""
+    tiny = TINY_MODELS["llama"]
+    config = dt.FourierFTConfig(target_modules=LLAMA, n_frequency=300, scaling=5.0, task_type="CAUSAL_LM")
+    with pytest.warns(UserWarning, match="fewer than n_frequency"):
+        tuned = dt.get_tuned_model(tiny.fresh(), config)
+    sizes = {name: p.numel() for name, p in tuned.named_parameters() if "fourierft_spectrum" in name}
+    assert sorted(set(sizes.values())) == [128, 256, 300]  # v_proj (8 x 16), q_proj (16 x 16), down_proj
+    tuned.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny.fresh(), tmp_path).eval()
+    torch.testing.assert_close(contract.run(tiny, theirs), contract.run(tiny, tuned), atol=1e-5, rtol=1e-5)

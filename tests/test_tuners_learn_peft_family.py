@@ -18,6 +18,8 @@ METHODS = {
     "loha": ({"r": 4, "alpha": 4}, 2e-2),
     "lokr": ({"r": 4, "alpha": 4}, 2e-2),
     "oft": ({"oft_block_size": 16}, 1e-1, 0.15),  # rotations only: the slowest learner here
+    "fourierft": ({"n_frequency": 64, "scaling": 50.0, "init_weights": True}, 2e-2),
+    "hra": ({"r": 8}, 5e-2, 0.15),  # reflections only, like OFT
     "boft": ({"boft_block_size": 4, "boft_n_butterfly_factor": 2}, 1e-1),
 }
 
@@ -44,4 +46,6 @@ def test_learns_with_gradient_checkpointing(name):
             assert all(p.grad.abs().sum() > 0 for p in params), "an adapter tensor's gradient is zero"
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] * (1 - (drop[0] if drop else MIN_DROP)), f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < losses[0] * (1 - (drop[0] if drop else MIN_DROP)), (
+        f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    )

@@ -35,6 +35,8 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.lokr",
     "deltatune.tuners.oft",
     "deltatune.tuners.boft",
+    "deltatune.tuners.fourierft",
+    "deltatune.tuners.hra",
 )
 
 
