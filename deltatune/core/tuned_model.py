@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.core import inject, peft_api, rows
+from deltatune.core import bypass_guard, inject, peft_api, rows
 from deltatune.core.config import ConfigError, TunerConfig, check_adapter_name
 from deltatune.core.hooks import HookSet
 from deltatune.core.registry import TunerSpec, spec_for_config
@@ -266,7 +266,8 @@ class TunedModel(nn.Module):
             inject.remove_adapter(self.model, adapter_name)
             raise
         self.input_modules[adapter_name] = module
-        self.adapters[adapter_name] = Adapter(config, spec, [], saved)
+        # the stack refuses raw token ids while this adapter is active (TRL calls it directly)
+        self.adapters[adapter_name] = Adapter(config, spec, [], saved, undo=bypass_guard.install(self))
         self._refresh()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -524,6 +525,30 @@ class TunedModel(nn.Module):
                     target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
         if held:
             self.input_modules[adapter_name].load_file_tensors({key: tensors[key] for key in held})
+
+    # -- hub upload ------------------------------------------------------------------------------------
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        hub: str = "huggingface",
+        private: bool = False,
+        dry_run: bool = False,
+        commit_message: str = "Upload adapter with deltatune",
+        token: Any = None,
+    ) -> Any:
+        """Upload the adapters (PEFT format) with a generated model card to the Hugging Face hub or
+        ModelScope; returns the UploadPlan (files, sizes, URL). The token comes from HF_TOKEN /
+        `hf auth login` or MODELSCOPE_API_TOKEN / the modelscope login, never from an argument, so it
+        cannot end up in code or notebooks. See deltatune/export/hub.py."""
+        from deltatune.export.hub import push_adapter
+
+        if token is not None:
+            raise ConfigError(
+                "push_to_hub takes no token argument: set HF_TOKEN / MODELSCOPE_API_TOKEN in the environment "
+                "or log in with the hub's CLI"
+            )
+        return push_adapter(self, repo_id, hub=hub, private=private, dry_run=dry_run, commit_message=commit_message)
 
     # -- persistence -----------------------------------------------------------------------------------
     def save_pretrained(

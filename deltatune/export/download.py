@@ -66,7 +66,8 @@ def download_model(repo_id: str, *, trust_remote_code: bool = False, revision: s
 
     patterns = _SAFE_PATTERNS + (["*.py"] if trust_remote_code else [])
     cache = cache_root() / "modelscope"
-    kwargs = dict(revision=revision, cache_dir=str(cache), allow_patterns=patterns)
+    endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or None  # read now: the SDK caches it at import
+    kwargs = dict(revision=revision, cache_dir=str(cache), allow_patterns=patterns, endpoint=endpoint)
     logging.getLogger("modelscope_hub").setLevel(logging.WARNING)
     if not _offline():
         try:

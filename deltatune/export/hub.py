@@ -24,7 +24,7 @@ from pathlib import Path
 from deltatune.core.config import ConfigError
 
 HUBS = ("huggingface", "modelscope")
-_HIDDEN = [".*", "**/.*"]  # the export marker, locks, temporary files: never uploaded
+_HIDDEN = [".*", "*/.*", "**/.*"]  # the export marker, locks, temporary files: never uploaded
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -104,7 +104,7 @@ def _push_huggingface(folder: Path, repo_id: str, private: bool, message: str) -
 
     if not get_token():
         raise HubError("no Hugging Face token: set HF_TOKEN in the environment or run `hf auth login`, then retry")
-    api = HfApi()
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)  # read now, not at import
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(
@@ -123,7 +123,7 @@ def modelscope_token() -> str | None:
     try:
         from modelscope.hub.api import ModelScopeConfig
 
-        return ModelScopeConfig.get_token()
+        return ModelScopeConfig.get_git_token() if hasattr(ModelScopeConfig, "get_git_token") else ModelScopeConfig.get_token()
     except Exception:  # noqa: BLE001 - no SDK or no saved login: no token
         return None
 
@@ -144,12 +144,17 @@ def _push_modelscope(folder: Path, repo_id: str, private: bool, message: str) ->
         )
     from modelscope.hub.api import HubApi
 
-    api = HubApi()
+    api = HubApi(endpoint=os.environ.get("MODELSCOPE_ENDPOINT") or None)  # read now, not at import
     try:
         api.create_repo(repo_id, token=token, visibility="private" if private else "public", exist_ok=True)
         # use_cache=False: the SDK would otherwise keep resume state in a folder inside the export
         api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), commit_message=message, token=token, use_cache=False
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=message,
+            token=token,
+            use_cache=False,
+            ignore_patterns=_HIDDEN,
         )
     except Exception as err:  # noqa: BLE001 - any client/HTTP failure becomes one line
         raise HubError(f"upload to ModelScope repo {repo_id} failed: {_first_line(err, token)}") from None

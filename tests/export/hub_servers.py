@@ -57,10 +57,11 @@ def _handler(hub: FakeHub, routes):
         def _serve(self, method: str) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":  # noqa: SIM102
                 body = _read_chunked(self.rfile)
             url = urlparse(self.path)
-            request = Request(method, unquote(url.path), parse_qs(url.query), dict(self.headers), body)
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            request = Request(method, unquote(url.path), parse_qs(url.query), headers, body)
             hub.requests.append(request)
             for route_method, prefix, suffix, fn in routes:
                 if method == route_method and request.path.startswith(prefix) and request.path.endswith(suffix):
