@@ -16,7 +16,8 @@ for spec in all_specs():
     for index, example in enumerate(spec.example_configs):
         for tiny in TINY_MODELS.values():
             if contract.make_config(spec, example, tiny) is not None:
-                CASES.append(pytest.param(spec, example, tiny, id=f"{spec.name}{index}-{tiny.name}"))
+                marks = () if tiny.name in ("llama", "mlp", "conv") else (pytest.mark.slow,)
+                CASES.append(pytest.param(spec, example, tiny, id=f"{spec.name}{index}-{tiny.name}", marks=marks))
 
 
 def _two_adapters(tiny, config, scale=0.1):
