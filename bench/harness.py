@@ -8,6 +8,12 @@
 Each case runs in its own process (clean peak memory); the libraries alternate, `--repeats`
 times, so drift in machine load hits both. Results: a table on stdout, JSON and a PNG chart in
 --out (default bench/results/).
+
+Training rows per tuner: `deltatune` trains through `deltatune.ops.causal_lm_loss` (what `deltatune
+sft` does), `deltatune-std` through the call every library user makes, `model(input_ids=x,
+labels=x).loss` (the call `peft` gets). Narrow a run with --tuners, --libs and --modes:
+
+    python -m bench.harness --suite cpu --tuners lora-all --libs deltatune-std,peft --modes train --repeats 3
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ def cases_for(suite: dict) -> list[dict]:
     for _ in range(suite["repeats"]):
         for tuner, mode in plan:
             extra = suite.get("extra_libs", {}).get(tuner, []) if mode == "train" else []
-            for lib in ("deltatune", "peft", *extra):
+            libs = ("deltatune", "deltatune-std", "peft", *extra) if mode == "train" else ("deltatune", "peft")
+            for lib in libs:
                 cases.append({**base, "tuner": tuner, "mode": mode, "lib": lib})
         for tuner in suite.get("reference", ["full", "frozen"]) if suite["model"] != "llama-tiny" else []:
             cases.append({**base, "tuner": tuner, "mode": "train", "lib": "torch"})
@@ -79,7 +86,7 @@ def summarize(results: list[dict]) -> list[dict]:
     by_key = {(r["tuner"], r["mode"], r["lib"]): r for r in rows}
     for row in rows:
         other = by_key.get((row["tuner"], row["mode"], "peft"))
-        if row["lib"] == "deltatune" and other:
+        if row["lib"] in ("deltatune", "deltatune-std") and other:
             row["time_ratio"] = row["median_s"] / other["median_s"]
             row["mem_ratio"] = row["peak_mb"] / other["peak_mb"]
     return rows
@@ -128,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
     parser.add_argument("--tuners", help="comma-separated subset of the suite's tuners")
+    parser.add_argument("--libs", help="comma-separated subset of libraries (deltatune, deltatune-std, peft, torch, ...)")
+    parser.add_argument("--modes", help="comma-separated subset of modes (train, infer-unmerged, infer-merged, infer-base)")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
@@ -138,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats:
         suite["repeats"] = args.repeats
     results = []
-    for case in cases_for(suite):
+    cases = cases_for(suite)
+    if args.libs:
+        cases = [c for c in cases if c["lib"] in args.libs.split(",")]
+    if args.modes:
+        cases = [c for c in cases if c["mode"] in args.modes.split(",")]
+    for case in cases:
         print(f"- {case['lib']:9s} {case['tuner']:12s} {case['mode']}", flush=True)
         result = run_case(case)
         if result:

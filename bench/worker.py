@@ -110,8 +110,11 @@ def apply_tuner(model, lib: str, tuner: dict[str, Any], lean: bool = True):
     return dt.get_tuned_model(model, cls(task_type="CAUSAL_LM", **fields), lean_activations=lean)
 
 
-def train_step(model, case: dict[str, Any], ids: torch.Tensor, optimizer) -> None:
-    """One forward + backward + optimizer step, the way each library trains."""
+def train_step(model, case: dict[str, Any], ids: torch.Tensor, optimizer) -> torch.Tensor:
+    """One forward + backward + optimizer step, the way each library trains.
+
+    lib "deltatune": `deltatune.ops.causal_lm_loss` (the `deltatune sft` engine); "deltatune-std",
+    peft and torch: the standard `model(input_ids=x, labels=x).loss` call."""
     if case["lib"] == "deltatune" and case.get("loss", "fused") == "fused":
         from deltatune.ops import causal_lm_loss
 
@@ -123,6 +126,7 @@ def train_step(model, case: dict[str, Any], ids: torch.Tensor, optimizer) -> Non
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def prepare(case: dict[str, Any]):
@@ -164,12 +168,13 @@ def main() -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mode = case.get("mode", "train")
     times: list[float] = []
+    losses: list[torch.Tensor] = []
     if mode == "train":
         for step in range(case["warmup"] + case["steps"]):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            train_step(model, case, ids, optimizer)
+            losses.append(train_step(model, case, ids, optimizer))
             if device == "cuda":
                 torch.cuda.synchronize()
             if step >= case["warmup"]:
@@ -188,7 +193,10 @@ def main() -> None:
                     torch.cuda.synchronize()
                 if step >= case["warmup"]:
                     times.append(time.perf_counter() - start)
-    print(json.dumps({**case, "times": times, "peak_mb": _peak_mb(device), "trainable": trainable}))
+    result = {**case, "times": times, "peak_mb": _peak_mb(device), "trainable": trainable}
+    if losses:  # the same model, batch and optimizer: every library's losses should agree
+        result["losses"] = [round(float(loss), 5) for loss in losses]
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

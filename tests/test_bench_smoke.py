@@ -18,12 +18,15 @@ def test_harness_smoke_suite_runs_both_libraries(tmp_path):
     runs = report["runs"]
     assert {(r["lib"], r["mode"]) for r in runs} == {
         (lib, mode) for lib in ("deltatune", "peft") for mode in ("train", "infer-unmerged")
-    }
+    } | {("deltatune-std", "train")}
     for run in runs:
         assert len(run["times"]) == report["suite"]["steps"] and all(t > 0 for t in run["times"])
         assert run["peak_mb"] > 0
     trainable = {r["lib"]: r["trainable"] for r in runs if r["mode"] == "train"}
-    assert trainable["deltatune"] == trainable["peft"] > 0  # the same adapter on both sides
+    assert trainable["deltatune"] == trainable["deltatune-std"] == trainable["peft"] > 0  # the same adapter
+    losses = {r["lib"]: r["losses"] for r in runs if r["mode"] == "train"}  # same model, batch, optimizer
+    assert losses["deltatune-std"] == pytest.approx(losses["peft"], abs=1e-4)
+    assert losses["deltatune"] == pytest.approx(losses["peft"], abs=1e-4)
     assert (tmp_path / "smoke.md").read_text().startswith("| tuner |")
     assert (tmp_path / "smoke.png").stat().st_size > 0
 

@@ -127,3 +127,17 @@ def test_gpt2_conv1d_model():
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for ours, theirs in zip(grads, ref_grads):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-4)
+
+
+def test_the_stack_refuses_raw_ids_while_an_input_adapter_is_active():
+    batch = _batch(padded=False)
+    tuned = _tuned("prompt")
+    with pytest.raises(dt.ConfigError, match="virtual tokens would be skipped"):
+        tuned.model.model(input_ids=batch["input_ids"])
+    tuned.model.model(**tuned.model_inputs(input_ids=batch["input_ids"]))  # rewritten: virtual-token embeddings
+    with tuned.disable_adapter():
+        tuned.model.model(input_ids=batch["input_ids"])
+    tuned.eval()
+    assert tuned.generate(input_ids=batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False).shape[1] > 4
+    tuned.unload()
+    tuned.model.model(input_ids=batch["input_ids"])  # the guard left with the adapter
