@@ -11,9 +11,11 @@ from deltatune.core.wrapper import MergeError, QuantizedMergeError
 from deltatune.io import AdapterFileError
 from deltatune.quantization import prepare_for_kbit_training, prepare_model_for_kbit_training
 from deltatune.tuners.adapter import AdapterConfig
-from deltatune.tuners.boft import BOFTConfig
 from deltatune.tuners.bitfit import BitFitConfig
+from deltatune.tuners.boft import BOFTConfig
+from deltatune.tuners.fourierft import FourierFTConfig
 from deltatune.tuners.full import FullConfig
+from deltatune.tuners.hra import HRAConfig
 from deltatune.tuners.ia3 import IA3Config
 from deltatune.tuners.llama_pro import LlamaProConfig
 from deltatune.tuners.ln_tuning import LNTuningConfig
@@ -21,6 +23,7 @@ from deltatune.tuners.loha import LoHaConfig
 from deltatune.tuners.lokr import LoKrConfig
 from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.lora_conversion import convert_to_lora  # peft's name
+from deltatune.tuners.miss import MissConfig
 from deltatune.tuners.oft import OFTConfig
 from deltatune.tuners.p_tuning import PTuningConfig
 from deltatune.tuners.part import PartConfig
@@ -36,7 +39,9 @@ __all__ = [
     "BOFTConfig",
     "BitFitConfig",
     "ConfigError",
+    "FourierFTConfig",
     "FullConfig",
+    "HRAConfig",
     "IA3Config",
     "LNTuningConfig",
     "LlamaProConfig",
@@ -44,6 +49,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "MergeError",
+    "MissConfig",
     "OFTConfig",
     "PartConfig",
     "PTuningConfig",

@@ -40,6 +40,8 @@ METHODS = {
     "fourierft-init": ("FourierFTConfig", {"n_frequency": 30, "init_weights": True, "random_loc_seed": 5}, {"llama": LLAMA}),
     "hra": ("HRAConfig", {"r": 4}, {"llama": LLAMA, "conv": CONV2D}),
     "hra-gs": ("HRAConfig", {"r": 3, "apply_GS": True, "init_weights": False}, {"llama": LLAMA, "conv": CONV2D}),
+    "miss": ("MissConfig", {"r": 3, "miss_dropout": 0.1}, {"llama": LLAMA}),
+    "miss-mini": ("MissConfig", {"r": 4, "init_weights": "mini", "mini_r": 4}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

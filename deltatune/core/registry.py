@@ -37,6 +37,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.boft",
     "deltatune.tuners.fourierft",
     "deltatune.tuners.hra",
+    "deltatune.tuners.miss",
 )
 
 

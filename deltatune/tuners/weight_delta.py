@@ -77,12 +77,14 @@ def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
 class DenseDelta(nn.Module):
     """An additive update given as a dense weight: y = base(x) + op(x, dW).
 
-    `module_dropout`: while training, the whole update is skipped with this probability (LyCORIS).
+    `module_dropout`: while training, the whole update is skipped with this probability (LyCORIS);
+    `dropout`: dropout on the update's input only (the frozen path is never dropped).
     """
 
-    def __init__(self, info: LayerInfo, *, module_dropout: float = 0.0):
+    def __init__(self, info: LayerInfo, *, module_dropout: float = 0.0, dropout: float = 0.0):
         super().__init__()
         self.info, self.module_dropout = info, module_dropout
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def delta_weight(self) -> torch.Tensor:
         """dW in the base's canonical layout, fp32."""
@@ -97,7 +99,7 @@ class DenseDelta(nn.Module):
         if self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout:
             return result
         delta = self.train_delta_weight() if self.training else self.delta_weight()
-        return result + apply_weight(x, delta.to(x.dtype), self.info).to(result.dtype)
+        return result + apply_weight(self.dropout(x), delta.to(x.dtype), self.info).to(result.dtype)
 
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None):
         return weight + self.delta_weight().to(weight), bias, None
