@@ -217,12 +217,16 @@ def test_adapter_parameters_are_frozen_inside_disable_adapter():
 @pytest.mark.parametrize(
     ("model_name", "tuner"),
     [("llama", "lora"), ("gpt2", "lora"), ("bert", "lora"), ("t5", "lora"),
-     ("llama", "ia3"), ("gpt2", "ia3"), ("bert", "ia3"), ("t5", "ia3"), ("llama", "ln_tuning"), ("gpt2", "ln_tuning")],
+     ("llama", "ia3"), ("gpt2", "ia3"), ("bert", "ia3"), ("t5", "ia3"), ("llama", "ln_tuning"), ("gpt2", "ln_tuning"),
+     ("llama", "loha"), ("gpt2", "fourierft")],
 )  # fmt: skip
 def test_unset_target_modules_take_peft_defaults(model_name, tuner, caplog):
     tiny = TINY_MODELS[model_name]
-    ours_cls = {"lora": dt.LoraConfig, "ia3": dt.IA3Config, "ln_tuning": dt.LNTuningConfig}[tuner]
-    theirs_cls = {"lora": peft.LoraConfig, "ia3": peft.IA3Config, "ln_tuning": peft.LNTuningConfig}[tuner]
+    names = {"lora": "LoraConfig", "ia3": "IA3Config", "ln_tuning": "LNTuningConfig", "loha": "LoHaConfig",
+             "fourierft": "FourierFTConfig"}  # fmt: skip
+    if not hasattr(dt, names[tuner]):
+        pytest.skip(f"deltatune has no {names[tuner]}")
+    ours_cls, theirs_cls = getattr(dt, names[tuner]), getattr(peft, names[tuner])
     with caplog.at_level(logging.WARNING, logger="deltatune"):
         ours = dt.get_tuned_model(tiny.fresh(), ours_cls(task_type=tiny.task_type))
     assert "target_modules is unset" in caplog.text
