@@ -141,3 +141,38 @@ def test_the_stack_refuses_raw_ids_while_an_input_adapter_is_active():
     assert tuned.generate(input_ids=batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False).shape[1] > 4
     tuned.unload()
     tuned.model.model(input_ids=batch["input_ids"])  # the guard left with the adapter
+
+
+_TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+FAMILIES = {  # name: (config, whether the fused path may be taken)
+    "qwen2": (lambda t: t.Qwen2Config(**_TINY, num_key_value_heads=2), True),
+    "gemma": (lambda t: t.GemmaConfig(**_TINY, num_key_value_heads=2, head_dim=8), True),  # tied, scaled embeddings
+    "phi3": (lambda t: t.Phi3Config(**_TINY, num_key_value_heads=2, pad_token_id=0), True),
+    "opt": (lambda t: t.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  ffn_dim=48, dropout=0.0, word_embed_proj_dim=16), True),  # fmt: skip
+    "mixtral": (lambda t: t.MixtralConfig(**_TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), True),
+    "mixtral-aux": (lambda t: t.MixtralConfig(**_TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                              output_router_logits=True), False),  # fmt: skip
+    "gemma2": (lambda t: t.Gemma2Config(**_TINY, num_key_value_heads=2, head_dim=8), False),  # soft-capped logits
+    "cohere": (lambda t: t.CohereConfig(**_TINY, num_key_value_heads=2, logit_scale=0.5), False),  # scaled logits
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_architectures_give_the_standard_loss(family):
+    import transformers
+
+    make, fusable = FAMILIES[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make(transformers))
+    tuned = dt.get_tuned_model(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    loss, out, grads = _loss_and_grads(tuned, lambda m: m(input_ids=ids, labels=labels))
+    assert (out.logits is None) == fusable
+    tuned.fused_loss = False
+    ref_loss, _, ref_grads = _loss_and_grads(tuned, lambda m: m(input_ids=ids, labels=labels))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-4)
