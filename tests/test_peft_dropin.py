@@ -482,3 +482,13 @@ def test_convert_to_lora_is_exact_at_full_rank_and_loads_in_peft(tmp_path):
         dt.convert_to_lora(ia3, rank=9)
     with pytest.raises(ValueError, match="threshold"):
         dt.convert_to_lora(ia3, rank=1.5)
+
+
+def test_save_pretrained_state_dict_gives_the_values_to_save(tmp_path):
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], init_lora_weights=False))
+    snapshot = {k: v.clone() for k, v in tuned.state_dict().items()}
+    want = tuned(_x())
+    with torch.no_grad():
+        tuned.model.lin.deltas["default"].lora_B.weight.zero_()  # live values change after the snapshot
+    tuned.save_pretrained(tmp_path, state_dict=snapshot)
+    torch.testing.assert_close(dt.TunedModel.from_pretrained(_toy(), tmp_path)(_x()), want)

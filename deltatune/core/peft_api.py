@@ -187,13 +187,14 @@ def get_peft_model_state_dict(
     tensors.update(embedding_tensors(tuned, adapter_name, save_embedding_layers))
     bare = set(tuned.input_modules[adapter_name].file_tensors()) if adapter_name in tuned.input_modules else set()
     if state_dict is not None:
-        tensors = _values_from(tuned, model, adapter_name, tensors, bare, state_dict)
+        tensors = values_from(tuned, model, adapter_name, tensors, bare, state_dict)
     prefix = KEY_PREFIX if model is tuned else ""  # peft: a PeftModel's keys carry the prefix, an injected module's do not
     return {(key if key in bare else prefix + key): value for key, value in tensors.items()}
 
 
-def _values_from(tuned, model, adapter_name, tensors, bare, state_dict):
-    """Map file keys back to the given state dict's keys (TunedModel: "model.<path>...", injected: "<path>...")."""
+def values_from(tuned, model, adapter_name, tensors, bare, state_dict):
+    """`tensors` (by file key) with their values taken from `state_dict`, a state dict of `model` (a TunedModel:
+    keys "model.<path>...", or a module given to inject_adapter_in_model: "<path>...")."""
     prefix = "model." if model is tuned else ""
     out = {}
     for key in tensors:

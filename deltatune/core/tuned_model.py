@@ -565,6 +565,7 @@ class TunedModel(nn.Module):
 
         peft's arguments keep peft's meaning: save_embedding_layers saves the input/output embedding
         tensors with the adapter ("auto": when targeted or resized), is_main_process=False writes nothing.
+        `state_dict` (a state dict of this TunedModel) gives the values to save instead of the live ones.
         safe_serialization=False (a pickle file) and path_initial_model_for_weight_conversion are refused."""
         from deltatune.io import write_adapter
 
@@ -576,6 +577,7 @@ class TunedModel(nn.Module):
             "converting a PiSSA/OLoRA adapter back to plain LoRA on save is not implemented; merge_and_unload() gives "
             "the full model",
         )  # fmt: skip
+        state_dict = kwargs.pop("state_dict", None)  # peft: values to save instead of the live ones (Trainer, FSDP)
         peft_api.refuse_unknown(method, kwargs)
         if not is_main_process:
             return
@@ -592,6 +594,8 @@ class TunedModel(nn.Module):
             folder = out if name == "default" else out / name
             bare = set(self.input_modules[name].file_tensors()) if name in self.input_modules else set()
             tensors = {**self.adapter_state_dict(name), **peft_api.embedding_tensors(self, name, save_embedding_layers)}
+            if state_dict is not None:
+                tensors = peft_api.values_from(self, self, name, tensors, bare, state_dict)
             write_adapter(folder, config, tensors, bare_keys=bare)
 
     def load_adapter(
