@@ -70,6 +70,11 @@ def _load(ns, *, adapter: str | None, merge: bool = False) -> tuple[Any, Any]:
     model = load_model(source, dtype=ns.dtype, trust_remote_code=ns.trust_remote_code)
     if adapter:
         model = TunedModel.from_pretrained(model, adapter, is_trainable=False)
+        from deltatune.io.peft_format import read_provenance
+        from deltatune.io.provenance import warn_if_template_differs
+
+        saved = read_provenance(adapter).get("chat_template_sha256")
+        warn_if_template_differs(saved, getattr(tokenizer, "chat_template", None), adapter)
         if merge:
             model = model.merge_and_unload()
     model.eval()
@@ -98,6 +103,11 @@ def run_infer(ns) -> int:
     from deltatune.train.evaluate import generate_answers
 
     model, tokenizer = _load(ns, adapter=ns.adapter, merge=ns.merge)
+    if ns.prompt is None and ns.dataset is None:
+        from deltatune.cli.chat import chat
+
+        chat(model, tokenizer, max_new_tokens=ns.max_new_tokens)  # a REPL on a terminal, else one prompt a line
+        return 0
     if ns.prompt is not None:
         from transformers import TextStreamer
 
@@ -172,7 +182,8 @@ def run_export(ns) -> int:
             what = "PEFT adapter (load with deltatune or peft)"
         if getattr(ns, "push_to_hub", None):
             write_card(ns, tmp)  # README.md model card, uploaded with the files
-        mark_written(tmp, "merged model" if ns.merge else "adapter")
+        if ns.merge:  # an adapter folder is recognized by its files; a merged model needs the marker
+            mark_written(tmp, "merged model")
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -585,6 +585,9 @@ class TunedModel(nn.Module):
         if out.exists() and not out.is_dir():
             raise ConfigError(f"save_directory {str(out)!r} is a file; give a directory")
         names = selected_adapters or list(self.adapters)
+        from deltatune.io.provenance import base_fingerprint
+
+        provenance = {"base_fingerprint": base_fingerprint(self.model), **getattr(self, "provenance", {})}
         for name in names:
             if name not in self.adapters:
                 raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapters)}")
@@ -596,7 +599,7 @@ class TunedModel(nn.Module):
             tensors = {**self.adapter_state_dict(name), **peft_api.embedding_tensors(self, name, save_embedding_layers)}
             if state_dict is not None:
                 tensors = peft_api.values_from(self, self, name, tensors, bare, state_dict)
-            write_adapter(folder, config, tensors, bare_keys=bare)
+            write_adapter(folder, config, tensors, bare_keys=bare, provenance=provenance)
 
     def load_adapter(
         self,
@@ -619,7 +622,7 @@ class TunedModel(nn.Module):
         folder's adapter_config.json, `subfolder` reads model_id/subfolder, `key_mapping` renames file
         keys by regex, `torch_device` is where the file's tensors are staged, `autocast_adapter_dtype`
         as in add_adapter; `low_cpu_mem_usage` is accepted (same result). ephemeral_gpu_offload is refused."""
-        from deltatune.io.peft_format import read_config, read_tensors
+        from deltatune.io.peft_format import read_config, read_provenance, read_tensors
 
         method = "TunedModel.load_adapter"
         model_id = peft_api.split_subfolder(model_id, kwargs)
@@ -630,6 +633,10 @@ class TunedModel(nn.Module):
             raise ConfigError(f"config must be a tuner config (e.g. LoraConfig), got {type(config).__name__}")
         config = (config if config is not None else read_config(model_id)).replace(inference_mode=not is_trainable)
         tensors = peft_api.apply_key_mapping(read_tensors(model_id), key_mapping)
+        from deltatune.io import provenance
+
+        provenance.warn_if_untrained(tensors, str(model_id))
+        provenance.warn_if_other_base(read_provenance(model_id).get("base_fingerprint"), self.model, str(model_id))
         if torch_device is not None:
             tensors = {key: value.to(torch_device) for key, value in tensors.items()}
         config.warn_on_load(str(model_id))

@@ -4,7 +4,9 @@
     <dir>/adapter_model.safetensors    keys "base_model.model.<module path>.<param>", no adapter name;
                                        tensors held outside the model (peft's prompt learning
                                        "prompt_embeddings") are stored under their bare, dot-free key
-    <dir>/deltatune_config.json        our extra fields (peft ignores unknown files)
+    <dir>/deltatune_config.json        our extra fields (peft ignores unknown files), and where the adapter
+                                       came from: base fingerprint, chat template hash, sha256 of the
+                                       weights (deltatune.io.provenance)
 
 Only safetensors is ever read: a directory holding only adapter_model.bin is refused with a hint.
 Files are written to temporary names, fsynced, then renamed into place (weights first, config
@@ -13,6 +15,7 @@ last), so a crash never leaves a config pointing at half-written weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import spec_for_saved
+from deltatune.io.provenance import SIDECAR_KEYS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -60,10 +64,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_adapter(
-    directory: str | os.PathLike, config: TunerConfig, tensors: dict[str, torch.Tensor], bare_keys: Collection[str] = ()
+    directory: str | os.PathLike,
+    config: TunerConfig,
+    tensors: dict[str, torch.Tensor],
+    bare_keys: Collection[str] = (),
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write one adapter. `tensors` are keyed by module path relative to the base model, except `bare_keys`
-    (dot-free names of tensors held outside the model), which are written as they are."""
+    (dot-free names of tensors held outside the model), which are written as they are. `provenance`
+    (base fingerprint, chat template hash) goes to the sidecar with the weights' sha256."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     assert not any("." in key for key in bare_keys), f"bare keys must not contain '.': {sorted(bare_keys)}"
@@ -76,9 +85,29 @@ def write_adapter(
 
     sidecar["deltatune_version"] = __version__
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": "pt"}))
+    sidecar.update({k: v for k, v in (provenance or {}).items() if v is not None})
+    sidecar["sha256"] = {WEIGHTS_NAME: _sha256(out / WEIGHTS_NAME)}
     _write_json(out / SIDECAR_NAME, sidecar)
     _write_json(out / CONFIG_NAME, peft_dict)
     return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar's provenance fields ({} for peft's files and older ones)."""
+    path = Path(directory) / SIDECAR_NAME
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return {}
+    return {k: sidecar[k] for k in SIDECAR_KEYS if isinstance(sidecar, dict) and k in sidecar}
 
 
 def read_config(directory: str | os.PathLike) -> TunerConfig:
@@ -108,6 +137,8 @@ def read_config(directory: str | os.PathLike) -> TunerConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterFileError(f"{sidecar_path} is not valid JSON: {exc}") from None
         sidecar.pop("deltatune_version", None)
+        for key in SIDECAR_KEYS:
+            sidecar.pop(key, None)
         data = {**data, **sidecar}
     spec = spec_for_saved(data, str(config_path))
     try:
@@ -130,6 +161,13 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "in an environment you trust, to safetensors."
             )
         raise AdapterFileError(f"{weights} is missing.{hint}")
+    expected = (read_provenance(path).get("sha256") or {}).get(WEIGHTS_NAME)
+    if isinstance(expected, str) and _sha256(weights) != expected:
+        raise AdapterFileError(
+            f"{weights} does not match the sha256 recorded in {SIDECAR_NAME} (corrupted: a changed or flipped "
+            f"byte); restore the file from a good copy. If another tool rewrote the weights on purpose, delete "
+            f"{SIDECAR_NAME}"
+        )
     try:
         raw = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:

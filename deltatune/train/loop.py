@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from deltatune.core.tuned_model import TunedModel, get_tuned_model
+from deltatune.io.provenance import template_sha256
 from deltatune.tasks.base import TaskData, headline
 from deltatune.tasks.registry import get_task
 from deltatune.train import checkpoint as ckpt
@@ -215,6 +216,7 @@ def train(
         elif not base_loaded:
             torch.manual_seed(args.seed)  # adapter init
         tuned = model if isinstance(model, TunedModel) else get_tuned_model(model, config)
+        tuned.provenance = {"chat_template_sha256": template_sha256(getattr(processor, "chat_template", None))}
         if getattr(tuned, "config", None) is not None and hasattr(tuned.config, "use_cache"):
             tuned.config.use_cache = False
         if args.gradient_checkpointing:
