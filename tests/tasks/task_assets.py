@@ -1,0 +1,95 @@
+"""Tiny offline assets for every task on the training engine: model folders built from configs
+(random weights, seeded) and synthetic data files with a learnable signal."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+
+from train_helpers import make_assets  # noqa: E402
+
+WORDS = "good great fine nice bad awful poor sad the a film movie day book city river alice bob paris rome".split()
+POSITIVE, NEGATIVE = {"good", "great", "fine", "nice"}, {"bad", "awful", "poor", "sad"}
+PEOPLE, PLACES = {"alice", "bob"}, {"paris", "rome"}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT (hidden 16, no dropout) with a word-level fast tokenizer over WORDS."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, initializer_range=0.3)  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        cue = rng.choice(sorted(POSITIVE if label else NEGATIVE))
+        words = [rng.choice(["the", "a"]), rng.choice(["film", "movie", "day", "book"]), cue]
+        words += [rng.choice(["the", "a", "city", "river"]) for _ in range(rng.randrange(4))]
+        rows.append({"text": " ".join(words), "label": "positive" if label else "negative"})
+    return rows
+
+
+def ner_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        tokens = [
+            rng.choice(sorted(PEOPLE | PLACES | {"the", "a", "film", "day", "city"}))
+            for _ in range(rng.randrange(3, 8))
+        ]
+        tags = ["B-PER" if t in PEOPLE else "B-LOC" if t in PLACES else "O" for t in tokens]
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def tiny_vit(folder: Path) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+def build_all(root: Path) -> dict[str, tuple[str, str]]:
+    """task -> (model, dataset) for tiny runs."""
+    llama, chat = make_assets(root)
+    bert = tiny_bert(root / "tiny-bert")
+    return {
+        "causal-lm": (str(llama), str(chat)),
+        "sequence-classification": (str(bert), str(_jsonl(root / "sentiment.jsonl", sentiment_rows(64)))),
+        "token-classification": (str(bert), str(_jsonl(root / "ner.jsonl", ner_rows(64)))),
+        "image-classification": (str(tiny_vit(root / "tiny-vit")), "digits#64"),
+    }

@@ -1,0 +1,111 @@
+"""Every task runs on the one training engine with the same guarantees (tiny models from config).
+
+Per task: a run that is stopped by SIGTERM after step 2 (the loop checkpoints and exits) and then
+resumed ends with exactly the per-step losses and adapter tensors of an uninterrupted run; the
+held-out metrics are written before and after; the adapter loads back. The SIGKILL variant runs
+for causal-lm in tests/train/test_resume.py; the same restore path serves every task.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from task_assets import build_all
+
+from deltatune.tasks.registry import get_task, task_names
+from deltatune.train import Interrupted, TrainArgs, train
+
+TASKS = ["causal-lm", "sequence-classification", "token-classification", "image-classification"]
+LORA = {"r": 4, "lora_alpha": 8}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_all(tmp_path_factory.mktemp("task-assets"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _args(task: str, assets, out, **changes) -> TrainArgs:
+    model, dataset = assets[task]
+    tuner_args = dict(LORA, target_modules=["q_proj", "v_proj"]) if task == "causal-lm" else dict(LORA)
+    base = dict(task=task, model=model, dataset=dataset, output_dir=str(out), tuner_args=tuner_args, batch_size=4,
+                max_length=32, val_size=16, num_samples=0, lr=1e-2, max_steps=4, save_steps=2, progress=False,
+                plot=False)  # fmt: skip
+    base.update(changes)
+    return TrainArgs(**base)
+
+
+def _losses(out) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
+
+
+def test_every_registered_task_is_listed_and_covered():
+    assert set(TASKS) <= set(task_names())
+    for name in task_names():
+        assert get_task(name).name == name
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_sigterm_then_resume_is_bit_identical(task, assets, tmp_path, monkeypatch):
+    straight = train(_args(task, assets, tmp_path / "straight"), log=lambda *_: None)
+    assert straight.eval_before and straight.eval_after  # the task's held-out metrics, before and after
+    reference = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in reference.items() if "lora_B" in k)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setenv("DELTATUNE_FAULT", "term@after_step:2")
+    with pytest.raises(Interrupted):
+        train(_args(task, assets, out), log=lambda *_: None)
+    monkeypatch.delenv("DELTATUNE_FAULT")
+    resumed = train(_args(task, assets, out, resume=True), log=lambda *_: None)
+    assert resumed.resumed_from == 2
+    assert _losses(out) == _losses(tmp_path / "straight")  # exact floats, every step
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert tensors.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(tensors[key], reference[key]), key
+    assert resumed.eval_after == straight.eval_after
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "token-classification"])
+def test_classifiers_learn_the_signal(task, assets, tmp_path):
+    result = train(_args(task, assets, tmp_path / "run", max_steps=30, lr=3e-2), log=lambda *_: None)
+    headline = next(iter(result.eval_after))
+    assert headline in ("accuracy", "entity_f1")
+    assert result.eval_after[headline] > result.eval_before[headline] + 0.2
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["task"] == task and saved["data"]["num_labels"] >= 2
+
+
+def test_token_labels_go_on_the_first_subword_only(assets):
+    from transformers import AutoTokenizer
+
+    task = get_task("token-classification")
+    tokenizer = AutoTokenizer.from_pretrained(assets["token-classification"][0])
+    task.load_processor(None, print, given=tokenizer)
+    args = TrainArgs(max_length=32)
+    # "paris" is in the vocabulary; "zzz" splits into no known word -> one [UNK] sub-word
+    (example,) = task._encode([{"tokens": ["alice", "paris", "the"], "tags": ["B-PER", "B-LOC", "O"]}],
+                              {"O": 0, "B-LOC": 1, "B-PER": 2}, args)  # fmt: skip
+    assert example["labels"] == [-100, 2, 1, 0, -100]  # [CLS] alice paris the [SEP]
+
+
+def test_entity_f1_is_span_exact():
+    from deltatune.tasks.encoders import entities, entity_f1
+
+    assert entities(["B-PER", "I-PER", "O", "I-LOC", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5)}
+    gold = [["B-PER", "I-PER", "O", "B-LOC"]]
+    assert entity_f1(gold, gold)["entity_f1"] == 1.0
+    half = entity_f1([["B-PER", "O", "O", "B-LOC"]], gold)  # PER span cut short: wrong; LOC right
+    assert half["precision"] == 0.5 and half["recall"] == 0.5
