@@ -492,3 +492,14 @@ def test_save_pretrained_state_dict_gives_the_values_to_save(tmp_path):
         tuned.model.lin.deltas["default"].lora_B.weight.zero_()  # live values change after the snapshot
     tuned.save_pretrained(tmp_path, state_dict=snapshot)
     torch.testing.assert_close(dt.TunedModel.from_pretrained(_toy(), tmp_path)(_x()), want)
+
+
+def test_disabling_an_adapter_that_trained_biases_warns_as_peft_does():
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], bias="all"))
+    with pytest.warns(UserWarning, match="bias"):
+        with tuned.disable_adapter():
+            pass
+    merged_refusal = dt.get_tuned_model(_tower(), dt.LoraConfig(target_modules=["stem", "attn"], r=2, init_lora_weights=False))
+    with pytest.raises(dt.MergeError, match="grouped"):
+        merged_refusal.merge_adapter(safe_merge=False)  # refused before any layer (attn too) is written
+    assert merged_refusal.model.attn.merged == []

@@ -104,6 +104,17 @@ def check_new_adapter(existing: dict[str, Any], config: TunerConfig) -> None:
         )
 
 
+def warn_trained_biases(adapters: dict[str, Any], active: list[str]) -> None:
+    """peft's warning: disabling an adapter that trained base biases does not give the base outputs back."""
+    for name in active:
+        bias = getattr(adapters[name].config, "bias", "none") if name in adapters else "none"
+        if bias != "none":
+            warnings.warn(
+                f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the same "
+                "output as the base model would without adaption (the trained biases are the base's own tensors)."
+            )
+
+
 def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
     """Two active adapters that each keep a trained copy of one module: there is no composition of
     two full copies, so refuse (peft raises the same way) instead of letting the first win."""

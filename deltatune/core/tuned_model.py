@@ -326,6 +326,7 @@ class TunedModel(nn.Module):
     def disable_adapter_layers(self) -> None:
         """peft's disable_adapter_layers: the base model's outputs until enable_adapter_layers()
         (merged adapters are unmerged first; nothing trains meanwhile)."""
+        peft_api.warn_trained_biases(self.adapters, self._active)
         self.unmerge_adapter()
         self._disabled = True
         self._refresh()
@@ -337,7 +338,9 @@ class TunedModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes exactly what the base model computes."""
+        """Inside the block the model computes exactly what the base model computes (except base biases
+        an adapter trained with bias != "none": those are the base's own tensors; a warning says so)."""
+        peft_api.warn_trained_biases(self.adapters, self._active)
         merged = {name: list(w.merged) for name, w in inject.delta_wrappers(self.model) if w.merged}
         if merged:
             self.unmerge_adapter()
@@ -371,6 +374,11 @@ class TunedModel(nn.Module):
         if not any(wrapper._pending(names) for wrapper in wrappers):
             warnings.warn(f"adapter(s) {names} are already merged; nothing to do")  # as peft warns
             return
+        for wrapper in wrappers:  # deltas with no form in their layer's weight refuse before anything is written
+            for name in wrapper._pending(names):
+                check = getattr(wrapper.deltas[name], "check_mergeable", None)
+                if check is not None:
+                    check()
         if safe_merge:  # check every layer before writing any, so a refusal changes nothing
             for wrapper in wrappers:
                 wrapper.check_merge(names)

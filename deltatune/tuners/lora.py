@@ -349,12 +349,16 @@ class LoraConv(_LoraBase):
             nn.init.normal_(self.lora_A.weight, std=1 / r)
             nn.init.zeros_(self.lora_B.weight)
 
-    def delta_weight(self) -> torch.Tensor:
+    def check_mergeable(self) -> None:
+        """Raise MergeError when the update has no form in the base weight (TunedModel asks before any write)."""
         if self.groups > 1:
             raise MergeError(
                 "LoRA on a grouped convolution (groups > 1) cannot be merged: its update mixes every input channel, "
                 "which the grouped weight cannot hold (peft refuses too). Keep it unmerged"
             )
+
+    def delta_weight(self) -> torch.Tensor:
+        self.check_mergeable()
         a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
         out_shape = (b.shape[0],) + tuple(a.shape[1:])
         return (b.flatten(1) @ a.flatten(1)).view(out_shape) * self.scale  # (out, in, *k)
