@@ -34,7 +34,13 @@ def biased_llama(tmp_path_factory, tiny_assets):
     return folder, data
 
 
-@pytest.mark.parametrize("tuner", sorted(spec.name for spec in all_specs()))
+FAST = ("lora", "ia3", "prompt_tuning")  # the rest (about 1.5 s each) run as slow tests, still in CI
+
+
+@pytest.mark.parametrize(
+    "tuner",
+    [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in sorted(s.name for s in all_specs())],
+)
 def test_sft_trains_with_only_the_tuner_name(tuner, biased_llama, tmp_path, capsys):
     model_dir, data = biased_llama
     out = tmp_path / "run"
@@ -52,11 +58,11 @@ def test_sft_trains_with_only_the_tuner_name(tuner, biased_llama, tmp_path, caps
 
 
 def test_the_demo_keeps_its_lora_scale():
-    from deltatune.cli.main import build_parser, sft_args
     from deltatune.models import get_model_spec
+    from deltatune.train import TrainArgs
     from deltatune.train.setup import build_tuner_config
 
-    args = sft_args(build_parser().parse_args(["sft"]))
+    args = TrainArgs()
     config = build_tuner_config(args.tuner, args.tuner_args, get_model_spec(args.model))
     assert (config.r, config.lora_alpha) == (8, 16)
     config = build_tuner_config("lora", {"r": 4}, None)
