@@ -13,6 +13,8 @@ from deltatune.quantization import prepare_for_kbit_training, prepare_model_for_
 from deltatune.tuners.adapter import AdapterConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.boft import BOFTConfig
+from deltatune.tuners.c3a import C3AConfig
+from deltatune.tuners.delora import DeloraConfig
 from deltatune.tuners.fourierft import FourierFTConfig
 from deltatune.tuners.full import FullConfig
 from deltatune.tuners.hra import HRAConfig
@@ -30,6 +32,7 @@ from deltatune.tuners.part import PartConfig
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig
 from deltatune.tuners.restuning import ResTuningConfig
+from deltatune.tuners.road import RoadConfig
 from deltatune.tuners.side_tuning import SideTuningConfig
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "BOFTConfig",
     "BitFitConfig",
     "ConfigError",
+    "C3AConfig",
+    "DeloraConfig",
     "FourierFTConfig",
     "FullConfig",
     "HRAConfig",
@@ -57,6 +62,7 @@ __all__ = [
     "PromptTuningConfig",
     "QuantizedMergeError",
     "ResTuningConfig",
+    "RoadConfig",
     "SideTuningConfig",
     "TunedModel",
     "TunerConfig",

@@ -42,6 +42,12 @@ METHODS = {
     "hra-gs": ("HRAConfig", {"r": 3, "apply_GS": True, "init_weights": False}, {"llama": LLAMA, "conv": CONV2D}),
     "miss": ("MissConfig", {"r": 3, "miss_dropout": 0.1}, {"llama": LLAMA}),
     "miss-mini": ("MissConfig", {"r": 4, "init_weights": "mini", "mini_r": 4}, {"llama": LLAMA}),
+    "c3a": ("C3AConfig", {"block_size": 4}, {"llama": LLAMA}),
+    "c3a-zero": ("C3AConfig", {"block_size": 8, "init_weights": True}, {"llama": LLAMA}),
+    "delora": ("DeloraConfig", {"r": 2, "delora_lambda": 4.0}, {"llama": LLAMA}),
+    "road": ("RoadConfig", {"group_size": 4}, {"llama": LLAMA}),
+    "road-2": ("RoadConfig", {"variant": "road_2", "group_size": 8}, {"llama": LLAMA}),
+    "road-4": ("RoadConfig", {"variant": "road_4", "group_size": 2}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

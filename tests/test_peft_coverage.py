@@ -2,6 +2,8 @@
 writes its files) or listed below with the reason it is not. A new peft release adding a type, or a
 tuner landing without this list being updated, fails this test."""
 
+import dataclasses
+
 import pytest
 
 from deltatune import all_specs
@@ -18,9 +20,6 @@ NOT_IMPLEMENTED = {
     "VBLORA": TODO,
     "RANDLORA": TODO,
     "SHIRA": TODO,
-    "C3A": TODO,
-    "ROAD": TODO,
-    "DELORA": TODO,
     "WAVEFT": TODO,
     "GRALORA": TODO,
     "XLORA": TODO,
@@ -64,3 +63,25 @@ def test_exclusion_list_holds_nothing_implemented_or_unknown():
     assert not done, f"implemented now, drop them from NOT_IMPLEMENTED: {done}"
     stale = sorted(set(NOT_IMPLEMENTED) - peft_types)
     assert not stale, f"not peft {peft.__version__} types: {stale}"
+
+
+# written by peft for its own bookkeeping, or never saved (LoRA's runtime_config: "not saved or restored")
+BOOKKEEPING = {"peft_type", "auto_mapping", "peft_version", "task_type", "base_model_name_or_path", "revision"}
+BOOKKEEPING |= {"runtime_config"}
+
+
+@pytest.mark.parametrize("name", [s.name for s in all_specs() if s.peft_type in {t.value for t in peft.PeftType}])
+def test_config_fields_match_peft(name):
+    """What we write to adapter_config.json is a field of peft's config class, and every peft field we do
+    not have is one we refuse unless neutral (so a peft file never loses meaning silently)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from deltatune import get_spec
+
+    spec = get_spec(name)
+    theirs = {f.name for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[spec.peft_type])}
+    ours = {f.name for f in dataclasses.fields(spec.config)}
+    written = ours - set(spec.config.sidecar_fields)
+    assert not written - theirs, f"{spec.name}: fields peft does not know go to the sidecar: {sorted(written - theirs)}"
+    unhandled = theirs - ours - set(spec.config.unsupported_peft_keys) - BOOKKEEPING
+    assert not unhandled, f"{spec.name}: peft fields neither read nor refused: {sorted(unhandled)}"

@@ -20,6 +20,9 @@ METHODS = {
     "oft": ({"oft_block_size": 16}, 1e-1, 0.15),  # rotations only: the slowest learner here
     "fourierft": ({"n_frequency": 64, "scaling": 50.0, "init_weights": True}, 2e-2),
     "miss": ({"r": 4}, 2e-2),
+    "c3a": ({"block_size": 4, "init_weights": True}, 2e-1),
+    "delora": ({"r": 4}, 5e-2),
+    "road": ({"variant": "road_4", "group_size": 4}, 2e-1, 0.15),  # rotates outputs only
     "hra": ({"r": 8}, 5e-2, 0.15),  # reflections only, like OFT
     "boft": ({"boft_block_size": 4, "boft_n_butterfly_factor": 2}, 1e-1),
 }

@@ -38,6 +38,9 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.fourierft",
     "deltatune.tuners.hra",
     "deltatune.tuners.miss",
+    "deltatune.tuners.c3a",
+    "deltatune.tuners.delora",
+    "deltatune.tuners.road",
 )
 
 

@@ -18,7 +18,6 @@ File layout is peft's: one vector "<module>.fourierft_spectrum" of n values per 
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,7 +27,13 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, check_positive_int
+from deltatune.tuners.weight_delta import (
+    CONTRACT_MODELS,
+    DenseDelta,
+    check_positive_int,
+    dotted_pattern_value,
+    fit_per_layer,
+)
 
 
 @dataclass(kw_only=True)
@@ -78,17 +83,11 @@ class FourierDelta(DenseDelta):
         return torch.fft.ifft2(dense).real * self.scaling
 
 
-def frequencies(pattern: dict[str, int], module_name: str, default: int) -> int:
-    """peft's FourierFT rule (stricter than its other tuners'): the first key with `.*\\.{key}$` matching."""
-    key = next((k for k in pattern if re.match(rf".*\.{k}$", module_name)), None)
-    return int(pattern[key]) if key is not None else default
-
-
 def build(config: FourierFTConfig, info: LayerInfo, module_name: str) -> nn.Module:
     """The one place FourierFTConfig is read."""
     if info.kind != "linear":
         raise ConfigError(f"FourierFT adapts linear layers only; {module_name!r} is a {info.kind} layer")
-    n = frequencies(config.n_frequency_pattern, module_name, config.n_frequency)
+    n = int(dotted_pattern_value(config.n_frequency_pattern, module_name, config.n_frequency))
     if n > info.in_features * info.out_features:
         raise ConfigError(
             f"n_frequency={n} exceeds the {info.in_features * info.out_features} weights of {module_name!r}; lower it"
@@ -99,21 +98,13 @@ def build(config: FourierFTConfig, info: LayerInfo, module_name: str) -> nn.Modu
 def prepare(model: nn.Module, config: FourierFTConfig, targets: list[str]) -> FourierFTConfig:
     """Layers with fewer weights than n_frequency get all of them, written into n_frequency_pattern
     (with a warning) so that peft reads the same sizes."""
-    from deltatune.backends import describe
-
-    pattern = dict(config.n_frequency_pattern)
-    for name in targets:
-        module = model.get_submodule(name)
-        info = describe(getattr(module, "base_layer", module))  # a layer another adapter already wraps
-        size = info.in_features * info.out_features
-        if "." in name and frequencies(pattern, name, config.n_frequency) > size:
-            pattern[re.escape(name.split(".", 1)[1])] = size  # peft's rule needs a '.' before the key
+    pattern = fit_per_layer(
+        model, targets, config.n_frequency_pattern, config.n_frequency,
+        lambda n, info: min(n, info.in_features * info.out_features),
+    )  # fmt: skip
     if pattern == config.n_frequency_pattern:
         return config
-    small = sorted(set(pattern) - set(config.n_frequency_pattern))
-    warnings.warn(
-        f"FourierFT: {len(small)} layer(s) have fewer than n_frequency weights and use all of them", stacklevel=2
-    )
+    warnings.warn("FourierFT: some layers have fewer than n_frequency weights and use all of them", stacklevel=2)
     return config.replace(n_frequency_pattern=pattern)
 
 

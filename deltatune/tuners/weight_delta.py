@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,30 @@ def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> A
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+def dotted_pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """The stricter rule of peft's FourierFT and C3A: the first key with `.*\\.{key}$` matching."""
+    key = next((k for k in patterns if re.match(rf".*\.{k}$", module_name)), None)
+    return patterns[key] if key is not None else default
+
+
+def fit_per_layer(
+    model: nn.Module, targets: list[str], patterns: dict[str, Any], default: Any, fit: Callable[[Any, LayerInfo], Any]
+) -> dict[str, Any]:
+    """`patterns` plus an entry for each target whose value (by dotted_pattern_value) `fit` changes, keyed so that
+    peft's rule selects it (peft needs a '.' before the key, so top-level modules keep their value)."""
+    from deltatune.backends import describe
+
+    out = dict(patterns)
+    for name in targets:
+        module = model.get_submodule(name)
+        info = describe(getattr(module, "base_layer", module))  # a layer another adapter already wraps
+        value = dotted_pattern_value(out, name, default)
+        fitted = fit(value, info)
+        if "." in name and fitted != value:
+            out[re.escape(name.split(".", 1)[1])] = fitted
+    return out
 
 
 def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
