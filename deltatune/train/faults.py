@@ -1,7 +1,8 @@
 """Fault injection for crash tests: DELTATUNE_FAULT="<action>@<point>:<step>".
 
-Points are `after_step` (an optimizer step finished and was logged) and `in_save` (checkpoint
-files written into the temporary folder, manifest not yet). Actions: `kill` (SIGKILL, nothing
+Points are `after_step` (an optimizer step finished and was logged), `in_save` (checkpoint
+files written into the temporary folder, manifest not yet) and `after_save` (the checkpoint is in
+place; at the last step, the final adapter is not yet). Actions: `kill` (SIGKILL, nothing
 runs after it) and `term` (SIGTERM, the loop's handler saves and stops). Unset: no effect.
 """
 

@@ -336,6 +336,7 @@ def train(
                         _save(checkpoints, number, tuned, optimizer, param_names, steps, total, args, shape, layout,
                               config_hash, data_fp, accelerator)  # fmt: skip
                     accelerator.wait_for_everyone()
+                    maybe_fault("after_save", number)
                 if stop["signal"]:
                     raise Interrupted(
                         f"stopped by {stop['signal']} after step {number}; checkpoint saved, continue with "

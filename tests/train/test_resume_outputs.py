@@ -87,3 +87,20 @@ def test_disk_full_in_the_final_save_cleans_up_and_resume_retries(tiny_assets, f
     monkeypatch.setattr(peft_format, "save_file", real)
     assert sft(*tiny_assets, out, "--resume") == 0
     assert_same_adapter(out, finished)
+
+
+@pytest.mark.slow  # a subprocess: ~20 s on two shared cores
+def test_real_sigkill_after_the_final_checkpoint(tiny_assets, finished, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTATUNE_FAULT": "kill@after_save:6"}
+    killed = subprocess.run([sys.executable, "-m", "deltatune.cli.main", *sft_flags(*tiny_assets, out)], env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-500:]
+    assert (out / "checkpoints" / "step-6" / "manifest.json").is_file() and not (out / "adapter").exists()
+    assert sft(*tiny_assets, out, "--resume") == 0
+    assert_same_adapter(out, finished)
