@@ -503,3 +503,22 @@ def test_disabling_an_adapter_that_trained_biases_warns_as_peft_does():
     with pytest.raises(dt.MergeError, match="grouped"):
         merged_refusal.merge_adapter(safe_merge=False)  # refused before any layer (attn too) is written
     assert merged_refusal.model.attn.merged == []
+
+
+def test_set_adapter_inference_mode_and_set_requires_grad(tmp_path):
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"]))
+    tuned.save_pretrained(tmp_path)
+    loaded = dt.TunedModel.from_pretrained(_toy(), tmp_path)  # inference mode: frozen
+    grads = lambda m: {p.requires_grad for n, p in m.named_parameters() if "lora_" in n}  # noqa: E731
+    assert grads(loaded) == {False}
+    loaded.set_adapter("default", inference_mode=False)
+    assert grads(loaded) == {True}
+    loaded.set_adapter("default", inference_mode=True)
+    assert grads(loaded) == {False}
+    loaded.set_requires_grad("default")
+    assert grads(loaded) == {True}
+    theirs = peft.PeftModel.from_pretrained(_toy(), tmp_path)
+    theirs.set_adapter("default", inference_mode=True)
+    assert grads(theirs) == {False}
+    theirs.set_requires_grad("default")
+    assert grads(theirs) == {True}

@@ -270,14 +270,30 @@ class TunedModel(nn.Module):
         self.adapters[adapter_name] = Adapter(config, spec, [], saved, undo=bypass_guard.install(self))
         self._refresh()
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make one adapter (or several, composed) active; its parameters become trainable."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
+        """Make one adapter (or several, composed) active; its parameters become trainable unless it
+        is in inference mode (loaded with is_trainable=False). `inference_mode` (peft's argument) sets
+        that mode for the named adapters first: True freezes them, False makes them trainable."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             if name not in self.adapters:
                 raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapters)}")
         peft_api.check_modules_to_save(self.model, names)
+        if inference_mode is not None:
+            self.set_requires_grad(names, requires_grad=not inference_mode)
         self._active = names
+        self._refresh()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """peft's set_requires_grad: make adapters trainable (or freeze them) by leaving (entering) inference
+        mode; an adapter's tensors require grad while it is active and trainable."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.adapters:
+                raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapters)}")
+        for name in names:
+            adapter = self.adapters[name]
+            adapter.config = adapter.config.replace(inference_mode=not requires_grad)
         self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
