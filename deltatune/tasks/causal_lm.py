@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from deltatune.tasks.base import Log, TaskData
+from deltatune.text import word_count
 
 
 class CausalLMTask:
@@ -90,7 +91,7 @@ class CausalLMTask:
                 break
             last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
             prompt, answer = row["messages"][:last], row["messages"][last]["content"]
-            if len(prompt[-1]["content"].split()) >= 2 and len(answer.split()) >= 2:  # skip "2" -> "'" style rows
+            if word_count(prompt[-1]["content"]) >= 2 and word_count(answer) >= 2:  # skip "2" -> "'"; CJK by character
                 prompts.append(prompt)
                 references.append(answer)
         return self.finish_examples(
@@ -128,8 +129,9 @@ class CausalLMTask:
             # Packed rows go in without a 2-D mask, so the model derives one causal block per
             # example from the position ids (the padding at the end restarts at 0: blocks of its own,
             # labels -100).
+            # use_cache=False: with a cache transformers skips that detection.
             loss, _ = causal_lm_loss(
-                model, batch["input_ids"], batch["labels"], None, position_ids=batch["position_ids"]
+                model, batch["input_ids"], batch["labels"], None, position_ids=batch["position_ids"], use_cache=False
             )
         else:
             loss, _ = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])

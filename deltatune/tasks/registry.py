@@ -11,6 +11,7 @@ from typing import Any
 
 TASKS: dict[str, str] = {
     "causal-lm": "deltatune.tasks.causal_lm:CausalLMTask",
+    "pretrain": "deltatune.tasks.pretrain:PretrainTask",
     "sequence-classification": "deltatune.tasks.sequence_classification:SequenceClassificationTask",
     "token-classification": "deltatune.tasks.token_classification:TokenClassificationTask",
     "image-classification": "deltatune.tasks.image_classification:ImageClassificationTask",

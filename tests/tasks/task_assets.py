@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 
-from train_helpers import make_assets  # noqa: E402
+from train_helpers import make_assets, synthetic_rows  # noqa: E402
 
 WORDS = "good great fine nice bad awful poor sad the a film movie day book city river alice bob paris rome".split()
 POSITIVE, NEGATIVE = {"good", "great", "fine", "nice"}, {"bad", "awful", "poor", "sad"}
@@ -87,8 +87,12 @@ def build_all(root: Path) -> dict[str, tuple[str, str]]:
     """task -> (model, dataset) for tiny runs."""
     llama, chat = make_assets(root)
     bert = tiny_bert(root / "tiny-bert")
+    text = root / "notes.txt"
+    paragraphs = [" ".join(m["content"] for m in r["messages"]) for r in synthetic_rows(120, seed=1)]
+    text.write_text("\n\n".join(" ".join(paragraphs[i : i + 2]) for i in range(0, 120, 2)), encoding="utf-8")
     return {
         "causal-lm": (str(llama), str(chat)),
+        "pretrain": (str(llama), str(text)),
         "sequence-classification": (str(bert), str(_jsonl(root / "sentiment.jsonl", sentiment_rows(64)))),
         "token-classification": (str(bert), str(_jsonl(root / "ner.jsonl", ner_rows(64)))),
         "image-classification": (str(tiny_vit(root / "tiny-vit")), "digits#64"),

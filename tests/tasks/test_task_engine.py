@@ -18,7 +18,7 @@ from task_assets import build_all
 from deltatune.tasks.registry import get_task, task_names
 from deltatune.train import Interrupted, TrainArgs, train
 
-TASKS = ["causal-lm", "sequence-classification", "token-classification", "image-classification"]
+TASKS = ["causal-lm", "pretrain", "sequence-classification", "token-classification", "image-classification"]
 LORA = {"r": 4, "lora_alpha": 8}
 
 
@@ -37,7 +37,8 @@ def one_thread():
 
 def _args(task: str, assets, out, **changes) -> TrainArgs:
     model, dataset = assets[task]
-    tuner_args = dict(LORA, target_modules=["q_proj", "v_proj"]) if task == "causal-lm" else dict(LORA)
+    lm = task in ("causal-lm", "pretrain")
+    tuner_args = dict(LORA, target_modules=["q_proj", "v_proj"]) if lm else dict(LORA)
     base = dict(task=task, model=model, dataset=dataset, output_dir=str(out), tuner_args=tuner_args, batch_size=4,
                 max_length=32, val_size=16, num_samples=0, lr=1e-2, max_steps=4, save_steps=2, progress=False,
                 plot=False)  # fmt: skip
@@ -76,6 +77,21 @@ def test_sigterm_then_resume_is_bit_identical(task, assets, tmp_path, monkeypatc
     for key in reference:
         assert torch.equal(tensors[key], reference[key]), key
     assert resumed.eval_after == straight.eval_after
+
+
+def test_causal_lm_packing_resumes_and_packs(assets, tmp_path, monkeypatch):
+    """--packing: fewer, fuller rows; the same exact-resume guarantee."""
+    logs: list[str] = []
+    straight = train(_args("causal-lm", assets, tmp_path / "straight", packing=True, max_length=64), log=logs.append)
+    assert any(line.startswith("packing: ") for line in logs)
+    out = tmp_path / "stopped"
+    monkeypatch.setenv("DELTATUNE_FAULT", "term@after_step:2")
+    with pytest.raises(Interrupted):
+        train(_args("causal-lm", assets, out, packing=True, max_length=64), log=lambda *_: None)
+    monkeypatch.delenv("DELTATUNE_FAULT")
+    train(_args("causal-lm", assets, out, packing=True, max_length=64, resume=True), log=lambda *_: None)
+    assert _losses(out) == _losses(tmp_path / "straight")
+    assert straight.eval_after["loss"] < straight.eval_before["loss"]
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "token-classification"])
