@@ -522,3 +522,17 @@ def test_set_adapter_inference_mode_and_set_requires_grad(tmp_path):
     assert grads(theirs) == {False}
     theirs.set_requires_grad("default")
     assert grads(theirs) == {True}
+
+
+def test_default_target_tables_equal_peft_constants():
+    from peft.utils import constants as c
+
+    from deltatune.models.peft_targets import TABLES
+
+    for ours, theirs in [("LORA", "LORA"), ("IA3", "IA3"), ("LN_TUNING", "LNTUNING"), ("FOURIERFT", "FOURIERFT"),
+                         ("VERA", "VERA"), ("LOHA", "LOHA"), ("LOKR", "LOKR"), ("OFT", "OFT"), ("BOFT", "BOFT"),
+                         ("HRA", "HRA"), ("MISS", "MISS"), ("ADALORA", "ADALORA"), ("VBLORA", "VBLORA")]:  # fmt: skip
+        table = getattr(c, f"TRANSFORMERS_MODELS_TO_{theirs}_TARGET_MODULES_MAPPING")
+        assert {k: v["target_modules"] for k, v in TABLES[ours].items()} == table, ours
+    feedforward = c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+    assert {k: v["feedforward_modules"] for k, v in TABLES["IA3"].items()} == {k: feedforward.get(k, []) for k in TABLES["IA3"]}

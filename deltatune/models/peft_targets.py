@@ -142,6 +142,35 @@ _LN_TUNING: dict[str, list[str]] = {
 }  # fmt: skip
 
 
+_ADALORA: dict[str, list[str] | str] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+_VBLORA = {**_ADALORA, "roberta": ["query", "value"]}
+
+
 def _lora_with(**changes: list[str]) -> dict[str, list[str] | str]:
     return {**_LORA, **changes}
 
@@ -158,6 +187,8 @@ TABLES: dict[str, dict[str, dict[str, Any]]] = {
         for kind in ("LOHA", "LOKR", "OFT", "BOFT", "HRA", "BONE", "MISS", "RANDLORA", "POLY", "ROAD", "DELORA", "C3A")
     },
     "VERA": {m: {"target_modules": t} for m, t in _VERA.items()},
+    "ADALORA": {m: {"target_modules": t} for m, t in _ADALORA.items()},
+    "VBLORA": {m: {"target_modules": t} for m, t in _VBLORA.items()},
     "FOURIERFT": {m: {"target_modules": t} for m, t in _lora_with(gpt2=["mlp.c_proj"], gpt_bigcode=["mlp.c_proj"]).items()},
     "SHIRA": {m: {"target_modules": t} for m, t in _lora_with(phi=["q_proj", "v_proj"]).items()},
 }
