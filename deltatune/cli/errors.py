@@ -16,7 +16,7 @@
 | 11 | adapter files do not fit the model |
 | 12 | file system error (disk full, permissions); files already in place are left intact |
 | 13 | merge refused: the merged weights would hold NaN/inf, or the merge cannot be undone; the base is unchanged |
-| 14 | refused as unsafe: a chat template tried to leave Jinja's sandbox |
+| 14 | refused as unsafe: a chat template tried to leave Jinja's sandbox (a template that is merely broken: 6) |
 | 15 | out of memory (accelerator or host) |
 
 Data errors print their whole per-reason report (file:line(:byte) locations); every other error
@@ -28,7 +28,7 @@ from __future__ import annotations
 import errno
 
 import torch
-from jinja2.exceptions import SecurityError
+from jinja2.exceptions import SecurityError, TemplateError
 from safetensors import SafetensorError
 
 from deltatune.assets import AssetError
@@ -48,6 +48,7 @@ from deltatune.train.errors import (
 )
 
 OK, INTERNAL, USAGE = 0, 1, 2
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: cuda only
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (NothingToDo, 3),
     (ConfigError, 4),
@@ -65,7 +66,8 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (SafetensorError, 12),
     (MergeError, 13),
     (SecurityError, 14),
-    (torch.OutOfMemoryError, 15),
+    (TemplateError, 6),
+    (_OUT_OF_MEMORY, 15),
     (MemoryError, 15),
 ]
 
@@ -91,11 +93,14 @@ def describe(err: BaseException) -> str:
             f"chat template refused by Jinja's sandbox ({first}); the model's chat template (tokenizer_config.json "
             "or chat_template.jinja) reaches for Python internals: replace it with a plain template"
         )
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
-        where = getattr(err, "deltatune_step", None)
-        at = f" at step {where}" if where else ""
+    if isinstance(err, TemplateError):
         return (
-            f"out of memory{at} ({first or 'MemoryError'}); lower --batch-size or --max-length, or use "
+            f"the chat template cannot be rendered ({first}); fix the model's chat template (tokenizer_config.json "
+            "or chat_template.jinja)"
+        )
+    if isinstance(err, (_OUT_OF_MEMORY, MemoryError)):
+        return (
+            f"out of memory ({first or 'MemoryError'}); lower --batch-size or --max-length, or use "
             "--gradient-checkpointing, --dtype bf16 or --quantize 4bit"
         )
     if isinstance(err, SafetensorError):
