@@ -17,6 +17,7 @@ from deltatune.tuners.c3a import C3AConfig
 from deltatune.tuners.delora import DeloraConfig
 from deltatune.tuners.fourierft import FourierFTConfig
 from deltatune.tuners.full import FullConfig
+from deltatune.tuners.gralora import GraloraConfig
 from deltatune.tuners.hra import HRAConfig
 from deltatune.tuners.ia3 import IA3Config
 from deltatune.tuners.llama_pro import LlamaProConfig
@@ -46,6 +47,7 @@ __all__ = [
     "DeloraConfig",
     "FourierFTConfig",
     "FullConfig",
+    "GraloraConfig",
     "HRAConfig",
     "IA3Config",
     "LNTuningConfig",

@@ -48,6 +48,8 @@ METHODS = {
     "road": ("RoadConfig", {"group_size": 4}, {"llama": LLAMA}),
     "road-2": ("RoadConfig", {"variant": "road_2", "group_size": 8}, {"llama": LLAMA}),
     "road-4": ("RoadConfig", {"variant": "road_4", "group_size": 2}, {"llama": LLAMA}),
+    "gralora": ("GraloraConfig", {"r": 4, "alpha": 8}, {"llama": LLAMA}),
+    "gralora-hybrid": ("GraloraConfig", {"r": 4, "alpha": 8, "gralora_k": 4, "hybrid_r": 2}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

@@ -41,6 +41,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.c3a",
     "deltatune.tuners.delora",
     "deltatune.tuners.road",
+    "deltatune.tuners.gralora",
 )
 
 
