@@ -536,3 +536,16 @@ def test_default_target_tables_equal_peft_constants():
         assert {k: v["target_modules"] for k, v in TABLES[ours].items()} == table, ours
     feedforward = c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
     assert {k: v["feedforward_modules"] for k, v in TABLES["IA3"].items()} == {k: feedforward.get(k, []) for k in TABLES["IA3"]}
+
+
+def test_a_non_finite_merge_is_a_value_error_as_in_peft():
+    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], init_lora_weights=False))
+    theirs = peft.get_peft_model(_toy(), peft.LoraConfig(target_modules=["lin"], init_lora_weights=False))
+    for model in (tuned, theirs):
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+    with pytest.raises(ValueError):
+        theirs.merge_adapter(safe_merge=True)
+    with pytest.raises(ValueError):
+        tuned.merge_adapter()
+    assert isinstance(dt.MergeError("x"), RuntimeError)  # and still what deltatune raised before

@@ -32,8 +32,9 @@ from deltatune import backends
 from deltatune.backends import LayerInfo
 
 
-class MergeError(RuntimeError):
-    """A merge would have produced non-finite weights; the base layer was left untouched."""
+class MergeError(RuntimeError, ValueError):
+    """A merge would have produced non-finite weights (or has no weight-space form); the base layer was left
+    untouched. Also a ValueError, which is what peft raises for a broken merge, so peft users' handlers catch it."""
 
 
 class QuantizedMergeError(MergeError):
