@@ -14,6 +14,7 @@ TASKS: dict[str, str] = {
     "pretrain": "deltatune.tasks.pretrain:PretrainTask",
     "sequence-classification": "deltatune.tasks.sequence_classification:SequenceClassificationTask",
     "token-classification": "deltatune.tasks.token_classification:TokenClassificationTask",
+    "seq2seq": "deltatune.tasks.seq2seq:Seq2SeqTask",
     "image-classification": "deltatune.tasks.image_classification:ImageClassificationTask",
 }
 

@@ -120,3 +120,31 @@ def tiny_llava(vocab_size: int, seed: int = 0, image_token_id: int = 3) -> nn.Mo
     )  # fmt: skip
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval()
+
+
+def save_tiny_t5(folder: str, texts: list[str], seed: int = 0, d_model: int = 32) -> str:
+    """A tiny T5 (2+2 layers, random weights) with a lower-cased word-level tokenizer whose
+    vocabulary is every word of `texts`, saved as a transformers folder (`--task seq2seq` demos)."""
+    import re
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
+    vocab = {token: i for i, token in enumerate(("<pad>", "<unk>", "</s>", *words))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_decoder_layers=2,
+        num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    out = Path(folder)
+    T5ForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)

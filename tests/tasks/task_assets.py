@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from deltatune.tasks.tiny import save_tiny_t5
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 
 from train_helpers import make_assets, synthetic_rows  # noqa: E402
@@ -87,6 +89,7 @@ def build_all(root: Path) -> dict[str, tuple[str, str]]:
     """task -> (model, dataset) for tiny runs."""
     llama, chat = make_assets(root)
     bert = tiny_bert(root / "tiny-bert")
+    texts = [m["content"] for r in synthetic_rows(200) for m in r["messages"]]
     text = root / "notes.txt"
     paragraphs = [" ".join(m["content"] for m in r["messages"]) for r in synthetic_rows(120, seed=1)]
     text.write_text("\n\n".join(" ".join(paragraphs[i : i + 2]) for i in range(0, 120, 2)), encoding="utf-8")
@@ -96,4 +99,5 @@ def build_all(root: Path) -> dict[str, tuple[str, str]]:
         "sequence-classification": (str(bert), str(_jsonl(root / "sentiment.jsonl", sentiment_rows(64)))),
         "token-classification": (str(bert), str(_jsonl(root / "ner.jsonl", ner_rows(64)))),
         "image-classification": (str(tiny_vit(root / "tiny-vit")), "digits#64"),
+        "seq2seq": (save_tiny_t5(str(root / "tiny-t5"), texts), str(chat)),
     }

@@ -18,7 +18,7 @@ from task_assets import build_all
 from deltatune.tasks.registry import get_task, task_names
 from deltatune.train import Interrupted, TrainArgs, train
 
-TASKS = ["causal-lm", "pretrain", "sequence-classification", "token-classification", "image-classification"]
+TASKS = ["causal-lm", "pretrain", "sequence-classification", "token-classification", "image-classification", "seq2seq"]
 LORA = {"r": 4, "lora_alpha": 8}
 
 
