@@ -6,9 +6,10 @@ For every norm layer y = γ ⊙ norm(x) + β in scope, γ and β train and every
 here. A "select" tuner: each adapter keeps its own copy of the chosen tensors, used in place of the
 base ones, so adapters switch and disable exactly and merging copies them into the base layer.
 
-Scope: with target_modules unset, every module whose class name contains "Norm" (LayerNorm,
-RMSNorm, T5LayerNorm, GroupNorm, BatchNorm...); with target_modules set, all parameters of the
-modules it matches (peft's rules). Files are peft's LN_TUNING format: keys
+Scope: with target_modules unset, peft's default list for the model type when peft has one
+(filled in by TunedModel, models/peft_targets.py), else every module whose class name contains
+"Norm" (LayerNorm, RMSNorm, T5LayerNorm, GroupNorm, BatchNorm...); with target_modules set, all
+parameters of the modules it matches (peft's rules). Files are peft's LN_TUNING format: keys
 "<module>.ln_tuning_layers.<param>", and target_modules written as the exact module names, so peft
 loads them (peft has no default norm-layer list for most models).
 """
