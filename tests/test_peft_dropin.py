@@ -60,7 +60,7 @@ def test_second_adapter_training_biases_is_refused_as_in_peft(bias):
 
 
 # -- item 2: tied embedding -------------------------------------------------------------------------
-def test_merging_lora_on_a_tied_embedding_leaves_the_head_alone():
+def test_merging_lora_on_a_tied_embedding_leaves_the_head_alone(tmp_path):
     base = _llama(tie=True)
     assert base.lm_head.weight is base.model.embed_tokens.weight
     tuned = dt.get_tuned_model(base, dt.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=False))
@@ -76,6 +76,11 @@ def test_merging_lora_on_a_tied_embedding_leaves_the_head_alone():
     assert merged.config.tie_word_embeddings is False
     torch.testing.assert_close(merged(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged.lm_head.weight, _llama(tie=True).lm_head.weight)
+    merged.save_pretrained(tmp_path)  # the saved config keeps them apart, so reloading does not re-tie
+    from transformers import LlamaForCausalLM
+
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
 
 
 # -- item 3: scaled embeddings ---------------------------------------------------------------------------
