@@ -123,7 +123,11 @@ def modelscope_token() -> str | None:
     try:
         from modelscope.hub.api import ModelScopeConfig
 
-        return ModelScopeConfig.get_git_token() if hasattr(ModelScopeConfig, "get_git_token") else ModelScopeConfig.get_token()
+        return (
+            ModelScopeConfig.get_git_token()
+            if hasattr(ModelScopeConfig, "get_git_token")
+            else ModelScopeConfig.get_token()
+        )
     except Exception:  # noqa: BLE001 - no SDK or no saved login: no token
         return None
 

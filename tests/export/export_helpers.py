@@ -13,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 
 from train_helpers import CHATML, synthetic_rows  # noqa: E402
 
-QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SAMPLE = "Add 12 and 345, please! It's 357.\n  Done?"
 
 
@@ -29,7 +31,10 @@ def byte_level_tokenizer(kind: str = "gpt-2"):
     bpe = Tokenizer(models.BPE())
     if kind == "qwen2":
         bpe.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
     elif kind == "smollm":
         bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -39,10 +44,14 @@ def byte_level_tokenizer(kind: str = "gpt-2"):
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=320,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML
+    )
 
 
 def sentencepiece_tokenizer():
@@ -63,7 +72,9 @@ def sentencepiece_tokenizer():
         "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
         "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     )
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=template)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=template
+    )
     tok.add_special_tokens({"additional_special_tokens": []})
     return tok
 
@@ -77,6 +88,8 @@ def tiny_model(arch: str, vocab_size: int, *, tied: bool = False, seed: int = 0)
         vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied,
     )  # fmt: skip
-    config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**common)
+    config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](
+        **common
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()

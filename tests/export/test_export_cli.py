@@ -37,9 +37,19 @@ def test_gguf_with_ollama_and_card_dry_run(run, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "would upload 3 files" in printed and "model-q8_0.gguf" in printed
-    assert sorted(p.name for p in dest.iterdir()) == [".deltatune-export.json", "Modelfile", "README.md", "model-q8_0.gguf"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        ".deltatune-export.json",
+        "Modelfile",
+        "README.md",
+        "model-q8_0.gguf",
+    ]
     card = (dest / "README.md").read_text()
-    assert "library_name: gguf" in card and "eval_loss_after" in card and "deltatune sft" in card and "--max-steps 6" in card
+    assert (
+        "library_name: gguf" in card
+        and "eval_loss_after" in card
+        and "deltatune sft" in card
+        and "--max-steps 6" in card
+    )
     assert (dest / "Modelfile").read_text().startswith("FROM ./model-q8_0.gguf\nTEMPLATE")
     # the GGUF computes what the merged adapter computes (hidden 16: rows under 32 values fall back to f16)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -61,7 +71,9 @@ def test_gguf_lora_with_ollama(run, tmp_path):
     assert modelfile.startswith("FROM ./base-f16.gguf\nADAPTER ./adapter-f32.gguf\n")
     reader = gguf.GGUFReader(dest / "adapter-f32.gguf")
     assert reader.fields["adapter.lora.alpha"].contents() == 8.0
-    assert {t.name for t in reader.tensors} == {f"blk.{i}.attn_{p}.weight.lora_{ab}" for i in (0, 1) for p in "qv" for ab in "ab"}
+    assert {t.name for t in reader.tensors} == {
+        f"blk.{i}.attn_{p}.weight.lora_{ab}" for i in (0, 1) for p in "qv" for ab in "ab"
+    }
 
 
 def test_push_adapter_to_huggingface(run, tmp_path, monkeypatch, capsys):
@@ -89,6 +101,17 @@ def test_push_adapter_to_huggingface(run, tmp_path, monkeypatch, capsys):
 )  # fmt: skip
 def test_flag_errors(run, tmp_path, capsys, flags, message):
     model_dir, out = run
-    code = main(["export", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--output-dir", str(tmp_path / "x"), *flags])
+    code = main(
+        [
+            "export",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(out / "adapter"),
+            "--output-dir",
+            str(tmp_path / "x"),
+            *flags,
+        ]
+    )
     assert code == 4
     assert message in capsys.readouterr().err

@@ -83,7 +83,9 @@ def test_tensor_names_types_and_llama_qk_order(tmp_path):
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # 1-D stays f32
     # q/k rows are in llama.cpp's rotary order: undoing the permutation gives the transformers weight back
     for hf, name, heads in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2)):
-        stored = torch.from_numpy(gguf.dequantize(tensors[f"blk.0.{name}.weight"].data, tensors[f"blk.0.{name}.weight"].tensor_type).copy())
+        stored = torch.from_numpy(
+            gguf.dequantize(tensors[f"blk.0.{name}.weight"].data, tensors[f"blk.0.{name}.weight"].tensor_type).copy()
+        )
         want = getattr(model.model.layers[0].self_attn, hf).weight.detach()
         assert torch.allclose(stored, llama_permute(want, heads), atol=2e-2)
         assert not torch.allclose(stored, want, atol=2e-2)  # the permutation is not the identity here
@@ -110,7 +112,9 @@ def test_byte_level_tokenizer_metadata(tmp_path, kind, pre):
     assert len(fields["tokenizer.ggml.merges"].contents()) > 0
 
 
-@pytest.mark.parametrize("maker", [lambda: byte_level_tokenizer("gpt-2"), lambda: byte_level_tokenizer("qwen2"), sentencepiece_tokenizer])
+@pytest.mark.parametrize(
+    "maker", [lambda: byte_level_tokenizer("gpt-2"), lambda: byte_level_tokenizer("qwen2"), sentencepiece_tokenizer]
+)
 def test_tokenizer_encodes_identically_after_round_trip(tmp_path, maker):
     tokenizer = maker()
     model = tiny_model("llama", len(tokenizer))

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import logging
 
+import hub_servers
 import pytest
 import torch
-
-import hub_servers
 from export_helpers import byte_level_tokenizer, tiny_model
 
 import deltatune as dt
@@ -31,7 +30,14 @@ def home(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
     monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(home / "hf" / "token"))
-    for var in ("HF_HUB_OFFLINE", "DELTATUNE_OFFLINE", "MODELSCOPE_OFFLINE", "DELTATUNE_HUB", "HF_TOKEN", "MODELSCOPE_API_TOKEN"):
+    for var in (
+        "HF_HUB_OFFLINE",
+        "DELTATUNE_OFFLINE",
+        "MODELSCOPE_OFFLINE",
+        "DELTATUNE_HUB",
+        "HF_TOKEN",
+        "MODELSCOPE_API_TOKEN",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("API_HTTP_CLIENT_MAX_RETRIES", "0")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -75,7 +81,12 @@ def test_huggingface_upload_private(hf, adapter_dir):
     assert [r.path for r in hf.requests] == [
         "/api/repos/create", "/api/validate-yaml", "/api/models/me/tiny-lora/preupload/main", "/api/models/me/tiny-lora/commit/main",
     ]  # fmt: skip
-    assert hf.requests[0].json() == {"name": "tiny-lora", "organization": "me", "visibility": "private", "type": "model"}
+    assert hf.requests[0].json() == {
+        "name": "tiny-lora",
+        "organization": "me",
+        "visibility": "private",
+        "type": "model",
+    }
     assert hf.repos["me/tiny-lora"]["files"] == _local_files(adapter_dir)
     assert all(r.headers.get("authorization") == f"Bearer {HF_TOKEN}" for r in hf.requests)
     assert plan.url and "me/tiny-lora" in plan.url and len(plan.files) == 4

@@ -43,7 +43,9 @@ def test_shape_reproduces_the_jinja_template(template):
     tokenizer = byte_level_tokenizer()
     if template is not None:
         tokenizer.chat_template = template
-        tokenizer.add_special_tokens({"bos_token": "<|im_start|>"} if template == SMOLLM2 else {"bos_token": "<|begin_of_text|>"})
+        tokenizer.add_special_tokens(
+            {"bos_token": "<|im_start|>"} if template == SMOLLM2 else {"bos_token": "<|begin_of_text|>"}
+        )
     shape = chat_shape(tokenizer)
     for chat in CHATS:
         want = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
