@@ -34,6 +34,7 @@ from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig
 from deltatune.tuners.restuning import ResTuningConfig
 from deltatune.tuners.road import RoadConfig
+from deltatune.tuners.shira import ShiraConfig
 from deltatune.tuners.side_tuning import SideTuningConfig
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "QuantizedMergeError",
     "ResTuningConfig",
     "RoadConfig",
+    "ShiraConfig",
     "SideTuningConfig",
     "TunedModel",
     "TunerConfig",

@@ -19,7 +19,6 @@ NOT_IMPLEMENTED = {
     "VERA": TODO,
     "VBLORA": TODO,
     "RANDLORA": TODO,
-    "SHIRA": TODO,
     "WAVEFT": TODO,
     "XLORA": TODO,
     "POLY": TODO,

@@ -42,6 +42,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.delora",
     "deltatune.tuners.road",
     "deltatune.tuners.gralora",
+    "deltatune.tuners.shira",
 )
 
 
