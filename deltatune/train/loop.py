@@ -40,6 +40,7 @@ from deltatune.train.optim import build_optimizer, lr_factor, set_lr, trainable_
 from deltatune.train.outdir import RunLock, missing_outputs, prepare_output_dir, save_final_adapter
 from deltatune.train.resume import apply_knobs, check_knobs
 from deltatune.train.setup import build_tuner_config, config_from_args, diff, structural
+from deltatune.train.trackers import TrackedLog, check_tracker
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _resolve_dirs(args: TrainArgs) -> tuple[Path, Path | None]:
     return out, explicit
 
 
-def _accelerator(args: TrainArgs):
+def _accelerator(args: TrainArgs, out: Path):
     from accelerate import Accelerator
 
     mixed = "no"
@@ -94,7 +95,8 @@ def _accelerator(args: TrainArgs):
         mixed = "fp16"
     # Under torchrun without GPUs accelerate only forms a (gloo) process group when told to use the CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed, cpu=multi_cpu)
+    trackers = {"log_with": args.report_to, "project_dir": str(out / "runs")} if args.report_to else {}
+    return Accelerator(mixed_precision=mixed, cpu=multi_cpu, **trackers)
 
 
 def train(
@@ -126,7 +128,8 @@ def train(
     model_spec = get_model_spec(args.model) if model is None else None
     build_tuner_config(args.tuner, args.tuner_args, model_spec)  # validated before anything loads
     out, explicit = _resolve_dirs(args)
-    accelerator = _accelerator(args)
+    check_tracker(args.report_to)
+    accelerator = _accelerator(args, out)
     is_main = accelerator.is_main_process
     say = log if is_main else (lambda *_: None)
     lock = RunLock(out).acquire() if is_main else None
@@ -202,6 +205,8 @@ def train(
             ckpt.write_json(out / "run.json", {"args": _jsonable(args), "structural": shape, "layout": layout,
                                                "task": args.task, "data": data.info})  # fmt: skip
         metrics = MetricsLog(out / "logs.jsonl")
+        if args.report_to:
+            metrics = TrackedLog(metrics, accelerator, out, _jsonable(args))
         start_step = found[1]["step"] if found else 0
         if is_main and metrics.path.exists():
             # records of steps after the checkpoint are redone; without a checkpoint, all of them
@@ -363,6 +368,8 @@ def train(
                 result.plot = plot_losses(metrics.read(), out / "loss.png")
             result.losses = [loss for _, loss in metrics.train_losses()]
         accelerator.wait_for_everyone()
+        if args.report_to:
+            metrics.close()
         result.seconds = time.time() - started
         return result
     finally:
