@@ -57,7 +57,7 @@ def _probed(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _sample(tensor: torch.Tensor) -> list[float]:
     flat = tensor.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, PROBE_VALUES).round().long().to(flat.device)
+    index = torch.linspace(0, flat.numel() - 1, PROBE_VALUES, dtype=torch.float64).round().long().to(flat.device)  # fp32 rounds n-1 up past 2**24
     return [round(float(v), 6) for v in flat[index].float().cpu()]
 
 
