@@ -3,8 +3,13 @@
 __version__ = "0.1.0"
 
 from deltatune.core.config import ConfigError, TunerConfig
-from deltatune.core.peft_api import get_base_model_state_dict, set_base_model_state_dict  # peft's names
-from deltatune.core.peft_api import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from deltatune.core.peft_api import (  # peft's names
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from deltatune.core.registry import TunerSpec, all_specs, get_spec, register
 from deltatune.core.tuned_model import AdapterLoadError, TunedModel, get_tuned_model
 from deltatune.core.wrapper import MergeError, QuantizedMergeError

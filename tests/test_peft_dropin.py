@@ -173,12 +173,16 @@ def test_is_main_process_false_writes_nothing_and_subfolder_is_read(tmp_path):
 
 
 def test_from_pretrained_config_keyword_is_used_instead_of_the_file(tmp_path):
-    tuned = dt.get_tuned_model(_toy(), dt.LoraConfig(target_modules=["lin"], r=4, lora_alpha=4, init_lora_weights=False))
+    tuned = dt.get_tuned_model(
+        _toy(), dt.LoraConfig(target_modules=["lin"], r=4, lora_alpha=4, init_lora_weights=False)
+    )
     tuned.save_pretrained(tmp_path)
     config = dt.LoraConfig(target_modules=["lin"], r=4, lora_alpha=8)  # twice the scale
     ours = dt.TunedModel.from_pretrained(_toy(), tmp_path, config=config)
     assert ours.peft_config["default"].lora_alpha == 8 and ours.peft_config["default"].inference_mode
-    theirs = peft.PeftModel.from_pretrained(_toy(), tmp_path, config=peft.LoraConfig(target_modules=["lin"], r=4, lora_alpha=8))
+    theirs = peft.PeftModel.from_pretrained(
+        _toy(), tmp_path, config=peft.LoraConfig(target_modules=["lin"], r=4, lora_alpha=8)
+    )
     torch.testing.assert_close(ours(_x()), theirs(_x()))
     assert not torch.allclose(ours(_x()), tuned(_x()))
 
@@ -309,7 +313,10 @@ def test_save_embedding_layers_writes_the_embedding_with_the_adapter(tmp_path):
     with pytest.warns(UserWarning, match="save_embedding_layers"):
         tuned.save_pretrained(tmp_path / "auto")
     keys = set(load_file(tmp_path / "auto" / "adapter_model.safetensors"))
-    assert "base_model.model.model.embed_tokens.base_layer.weight" in keys and "base_model.model.lm_head.weight" not in keys
+    assert (
+        "base_model.model.model.embed_tokens.base_layer.weight" in keys
+        and "base_model.model.lm_head.weight" not in keys
+    )
     theirs = peft.get_peft_model(_llama(), peft.LoraConfig(target_modules=["embed_tokens", "q_proj"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -425,7 +432,9 @@ def test_lora_on_multihead_attention_keys_merge_and_maths(tmp_path):
     # peft's file layout, key for key
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.get_peft_model(_tower(), peft.LoraConfig(**config))
-    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(peft.get_peft_model_state_dict(theirs))
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        peft.get_peft_model_state_dict(theirs)
+    )
     merged = ours.merge_and_unload()
     assert type(merged.attn) is nn.MultiheadAttention
     torch.testing.assert_close(merged(IMG), out)
@@ -473,11 +482,16 @@ def test_convert_to_lora_is_exact_at_full_rank_and_loads_in_peft(tmp_path):
     ia3 = dt.get_tuned_model(_llama(), dt.IA3Config(init_ia3_weights=False))  # peft's llama defaults
     want = ia3(input_ids=IDS).logits
     config, state = dt.convert_to_lora(ia3, rank=1.0)  # all the energy: each layer's full rank, exact
-    assert {"model.layers.0.mlp.down_proj": 16, "model.layers.0.self_attn.k_proj": 8}.items() <= config.rank_pattern.items()
+    assert {
+        "model.layers.0.mlp.down_proj": 16,
+        "model.layers.0.self_attn.k_proj": 8,
+    }.items() <= config.rank_pattern.items()
     lora = dt.get_tuned_model(_llama(), config)
     dt.set_peft_model_state_dict(lora, state)
     torch.testing.assert_close(lora(input_ids=IDS).logits, want, atol=1e-4, rtol=0)
-    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(**{k: v for k, v in config.to_peft_dict()[0].items() if k != "peft_type"}))
+    theirs = peft.get_peft_model(
+        _llama(), peft.LoraConfig(**{k: v for k, v in config.to_peft_dict()[0].items() if k != "peft_type"})
+    )
     peft.set_peft_model_state_dict(theirs, state)
     torch.testing.assert_close(theirs(input_ids=IDS).logits, want, atol=1e-4, rtol=0)
     small, small_state = dt.convert_to_lora(ia3, rank=4)
@@ -504,7 +518,9 @@ def test_disabling_an_adapter_that_trained_biases_warns_as_peft_does():
     with pytest.warns(UserWarning, match="bias"):
         with tuned.disable_adapter():
             pass
-    merged_refusal = dt.get_tuned_model(_tower(), dt.LoraConfig(target_modules=["stem", "attn"], r=2, init_lora_weights=False))
+    merged_refusal = dt.get_tuned_model(
+        _tower(), dt.LoraConfig(target_modules=["stem", "attn"], r=2, init_lora_weights=False)
+    )
     with pytest.raises(dt.MergeError, match="grouped"):
         merged_refusal.merge_adapter(safe_merge=False)  # refused before any layer (attn too) is written
     assert merged_refusal.model.attn.merged == []
@@ -540,7 +556,9 @@ def test_default_target_tables_equal_peft_constants():
         table = getattr(c, f"TRANSFORMERS_MODELS_TO_{theirs}_TARGET_MODULES_MAPPING")
         assert {k: v["target_modules"] for k, v in TABLES[ours].items()} == table, ours
     feedforward = c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
-    assert {k: v["feedforward_modules"] for k, v in TABLES["IA3"].items()} == {k: feedforward.get(k, []) for k in TABLES["IA3"]}
+    assert {k: v["feedforward_modules"] for k, v in TABLES["IA3"].items()} == {
+        k: feedforward.get(k, []) for k in TABLES["IA3"]
+    }
 
 
 def test_a_non_finite_merge_is_a_value_error_as_in_peft():

@@ -111,7 +111,8 @@ def warn_trained_biases(adapters: dict[str, Any], active: list[str]) -> None:
         if bias != "none":
             warnings.warn(
                 f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the same "
-                "output as the base model would without adaption (the trained biases are the base's own tensors)."
+                "output as the base model would without adaption (the trained biases are the base's own tensors).",
+                stacklevel=3,
             )
 
 
@@ -199,7 +200,8 @@ def get_peft_model_state_dict(
     bare = set(tuned.input_modules[adapter_name].file_tensors()) if adapter_name in tuned.input_modules else set()
     if state_dict is not None:
         tensors = values_from(tuned, model, adapter_name, tensors, bare, state_dict)
-    prefix = KEY_PREFIX if model is tuned else ""  # peft: a PeftModel's keys carry the prefix, an injected module's do not
+    # peft: a PeftModel's keys carry the prefix, a module given to inject_adapter_in_model's do not
+    prefix = KEY_PREFIX if model is tuned else ""
     return {(key if key in bare else prefix + key): value for key, value in tensors.items()}
 
 
@@ -218,7 +220,9 @@ def values_from(tuned, model, adapter_name, tensors, bare, state_dict):
                 found = state_dict[prefix + candidate]
                 break
         if found is None:
-            raise ConfigError(f"state_dict has no entry for adapter tensor {key!r} (looked for {prefix}{key} and its wrapped names)")
+            raise ConfigError(
+                f"state_dict has no entry for adapter tensor {key!r} (looked for {prefix}{key} and its wrapped names)"
+            )
         out[key] = found
     return out
 
@@ -289,7 +293,9 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {original: state[wrapped] for original, wrapped in _unwrapped_keys(tuned).items()}
 
 
-def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> IncompatibleKeys:
+def set_base_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> IncompatibleKeys:
     """peft's `set_base_model_state_dict`: load base tensors given under their original keys; with
     `strict`, missing or unexpected keys raise RuntimeError (as torch's load_state_dict does)."""
     tuned = _tuned_of(model)
@@ -305,7 +311,9 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
 
 
 # -- save_embedding_layers ------------------------------------------------------------------------------
-def embedding_tensors(tuned: TunedModel, adapter_name: str, save_embedding_layers: bool | str) -> dict[str, torch.Tensor]:
+def embedding_tensors(
+    tuned: TunedModel, adapter_name: str, save_embedding_layers: bool | str
+) -> dict[str, torch.Tensor]:
     """Base tensors of the input/output embeddings to save with the adapter (peft's `save_embedding_layers`).
 
     "auto": saved when an embedding is among target_modules (by peft's names embed_tokens / lm_head) or the
@@ -322,15 +330,22 @@ def embedding_tensors(tuned: TunedModel, adapter_name: str, save_embedding_layer
     targeted = isinstance(targets, list) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
     if save_embedding_layers == "auto":
         if targeted:
-            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", stacklevel=3
+            )
         elif _vocab_resized(tuned.model, config.base_model_name_or_path):
-            warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.")
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.",
+                stacklevel=3,
+            )
         else:
             return {}
     get_in = getattr(tuned.model, "get_input_embeddings", None)
     get_out = getattr(tuned.model, "get_output_embeddings", None)
     if not callable(get_in):
-        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.")
+        warnings.warn(
+            "Could not identify embedding layer(s) because the model is not a 🤗 transformers model.", stacklevel=3
+        )
         return {}
     wanted = [m for m in (get_in(), get_out() if callable(get_out) else None) if m is not None]
     wanted = [m.base_layer if isinstance(m, DeltaWrapper) else m for m in wanted]
@@ -389,7 +404,8 @@ def untie_before_merge(model: nn.Module, wrappers: list[DeltaWrapper], names: li
                 cfg.tie_word_embeddings = False
         warnings.warn(
             "merging into a weight tied to another module (e.g. embeddings tied to the LM head): the merged layer now "
-            "has its own copy and tie_word_embeddings=False was set in the model config"
+            "has its own copy and tie_word_embeddings=False was set in the model config",
+            stacklevel=3,
         )
     return untied
 

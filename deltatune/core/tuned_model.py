@@ -388,7 +388,7 @@ class TunedModel(nn.Module):
         _refuse_quantized_merge(self.model, names)
         wrappers = [wrapper for _, wrapper in inject.delta_wrappers(self.model)]
         if not any(wrapper._pending(names) for wrapper in wrappers):
-            warnings.warn(f"adapter(s) {names} are already merged; nothing to do")  # as peft warns
+            warnings.warn(f"adapter(s) {names} are already merged; nothing to do", stacklevel=2)  # as peft warns
             return
         for wrapper in wrappers:  # deltas with no form in their layer's weight refuse before anything is written
             for name in wrapper._pending(names):
@@ -504,6 +504,8 @@ class TunedModel(nn.Module):
                 out[file_key] = value
             elif key in extra:
                 out[key] = value
+        if adapter.spec.file_keys is not None:  # tensors the tuner files under other keys (model-level ones)
+            out = adapter.spec.file_keys(out)
         if name in self.input_modules:  # keys of tensors outside the model, as peft names them
             out.update(self.input_modules[name].file_tensors())
         return out

@@ -189,7 +189,9 @@ TABLES: dict[str, dict[str, dict[str, Any]]] = {
     "VERA": {m: {"target_modules": t} for m, t in _VERA.items()},
     "ADALORA": {m: {"target_modules": t} for m, t in _ADALORA.items()},
     "VBLORA": {m: {"target_modules": t} for m, t in _VBLORA.items()},
-    "FOURIERFT": {m: {"target_modules": t} for m, t in _lora_with(gpt2=["mlp.c_proj"], gpt_bigcode=["mlp.c_proj"]).items()},
+    "FOURIERFT": {
+        m: {"target_modules": t} for m, t in _lora_with(gpt2=["mlp.c_proj"], gpt_bigcode=["mlp.c_proj"]).items()
+    },
     "SHIRA": {m: {"target_modules": t} for m, t in _lora_with(phi=["q_proj", "v_proj"]).items()},
 }
 """Per peft_type, the defaults peft fills in (the same table for every LoRA-like method, as peft)."""

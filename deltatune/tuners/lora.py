@@ -328,7 +328,8 @@ class LoraConv(_LoraBase):
         super().__init__(**kw)
         r = kw["r"]
         self.groups = info.groups
-        if info.groups > 1:  # peft's layout: A sees every input channel, B is grouped (group g: rank chunk g -> out chunk g)
+        # groups > 1, peft's layout: A sees every input channel, B is grouped (rank chunk g -> output group g)
+        if info.groups > 1:
             if r % info.groups:
                 raise ConfigError(
                     f"LoRA on a convolution with groups={info.groups} needs r divisible by groups (got r={r}); "

@@ -51,7 +51,9 @@ def convert_to_lora(
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
         raise ValueError(f"rank must be an int or a float threshold in (0, 1], got {rank!r}")
     if isinstance(rank, float) and not 0 < rank <= 1:
-        raise ValueError(f"If rank is a float, it is interpreted as a threshold. It must be between 0 and 1 but got {rank}.")
+        raise ValueError(
+            f"If rank is a float, it is interpreted as a threshold. It must be between 0 and 1 but got {rank}."
+        )
     if rank == 0:
         raise ValueError("Passing a rank of 0 doesn't make sense, please pass a valid value.")
     tuned = _tuned_of(model)
@@ -61,13 +63,18 @@ def convert_to_lora(
     if getattr(source, "bias", "none") != "none":
         raise ValueError(f"The adapter's config sets bias={source.bias}, this is not supported right now.")
     if isinstance(source, LoraConfig):
-        warnings.warn("Converting a PEFT adapter to LoRA that is already a LoRA adapter. There is typically no need for that.")
+        warnings.warn(
+            "Converting a PEFT adapter to LoRA that is already a LoRA adapter. There is typically no need for that.",
+            stacklevel=3,
+        )
     layers = [(path, w) for path, w in inject.delta_wrappers(tuned.model) if adapter_name in w.deltas]
     unsupported = sorted(
         {
             type(w.deltas[adapter_name]).__name__
             for _, w in layers
-            if w.layer_info.kind != "linear" or replaces_parameters(w.deltas[adapter_name]) or not hasattr(w.deltas[adapter_name], "merge")
+            if w.layer_info.kind != "linear"
+            or replaces_parameters(w.deltas[adapter_name])
+            or not hasattr(w.deltas[adapter_name], "merge")
         }
     )
     if unsupported:
@@ -90,7 +97,9 @@ def convert_to_lora(
         u, s, vh = torch.linalg.svd(merged - weight, full_matrices=False)  # (out, m), (m,), (m, in)
         k = rank if isinstance(rank, int) else _cutoff(s, rank)
         if k > s.shape[0]:
-            raise ValueError(f"The chosen rank {k} is larger than the weight shape ({s.shape[0]}), please choose a lower rank.")
+            raise ValueError(
+                f"The chosen rank {k} is larger than the weight shape ({s.shape[0]}), please choose a lower rank."
+            )
         if k != rank:
             patterns[path] = k
         targets.append(path)
