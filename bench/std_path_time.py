@@ -70,7 +70,9 @@ def main() -> None:
     wall_ratio = statistics.median(wall[first]) / statistics.median(wall[last])
     cpu_ratio = statistics.median(cpu[first]) / statistics.median(cpu[last])
     paired = statistics.median(a / b for a, b in zip(wall[first], wall[last]))
-    print(f"{first} / {last}: wall {wall_ratio:.3f}x, cpu {cpu_ratio:.3f}x, median of per-round wall ratios {paired:.3f}x")
+    print(
+        f"{first} / {last}: wall {wall_ratio:.3f}x, cpu {cpu_ratio:.3f}x, median of per-round wall ratios {paired:.3f}x"
+    )
     result.update(wall_ratio=wall_ratio, cpu_ratio=cpu_ratio, paired_wall_ratio=paired)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

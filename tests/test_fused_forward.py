@@ -16,8 +16,9 @@ from deltatune.testing.tiny_models import TINY_MODELS
 CONFIGS = {
     "lora": lambda: dt.LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=4, task_type="CAUSAL_LM"),
     "dora": lambda: dt.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, use_dora=True, task_type="CAUSAL_LM"),
-    "ia3": lambda: dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                                task_type="CAUSAL_LM"),  # fmt: skip
+    "ia3": lambda: dt.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+    ),  # fmt: skip
     "prompt": lambda: dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
 }
 
@@ -68,7 +69,11 @@ def test_num_items_in_batch_and_shift_labels_as_transformers_uses_them():
     count = torch.tensor(40)  # Trainer passes the supervised-token count of the whole accumulated step
     shift = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     shift[1, 5] = -100
-    for extra in ({"num_items_in_batch": count}, {"shift_labels": shift}, {"shift_labels": shift, "num_items_in_batch": 7}):
+    for extra in (
+        {"num_items_in_batch": count},
+        {"shift_labels": shift},
+        {"shift_labels": shift, "num_items_in_batch": 7},
+    ):
         tuned.fused_loss = True
         out = tuned(**batch, **extra)
         tuned.fused_loss = False
@@ -148,11 +153,28 @@ FAMILIES = {  # name: (config, whether the fused path may be taken)
     "qwen2": (lambda t: t.Qwen2Config(**_TINY, num_key_value_heads=2), True),
     "gemma": (lambda t: t.GemmaConfig(**_TINY, num_key_value_heads=2, head_dim=8), True),  # tied, scaled embeddings
     "phi3": (lambda t: t.Phi3Config(**_TINY, num_key_value_heads=2, pad_token_id=0), True),
-    "opt": (lambda t: t.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  ffn_dim=48, dropout=0.0, word_embed_proj_dim=16), True),  # fmt: skip
-    "mixtral": (lambda t: t.MixtralConfig(**_TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), True),
-    "mixtral-aux": (lambda t: t.MixtralConfig(**_TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                                              output_router_logits=True), False),  # fmt: skip
+    "opt": (
+        lambda t: t.OPTConfig(
+            vocab_size=96,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=48,
+            dropout=0.0,
+            word_embed_proj_dim=16,
+        ),
+        True,
+    ),  # fmt: skip
+    "mixtral": (
+        lambda t: t.MixtralConfig(**_TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+        True,
+    ),
+    "mixtral-aux": (
+        lambda t: t.MixtralConfig(
+            **_TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True
+        ),
+        False,
+    ),  # fmt: skip
     "gemma2": (lambda t: t.Gemma2Config(**_TINY, num_key_value_heads=2, head_dim=8), False),  # soft-capped logits
     "cohere": (lambda t: t.CohereConfig(**_TINY, num_key_value_heads=2, logit_scale=0.5), False),  # scaled logits
 }

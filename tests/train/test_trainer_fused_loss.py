@@ -122,6 +122,8 @@ def test_trl_refuses_input_adapters_instead_of_skipping_them(tmp_path):
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
         save_strategy="no", disable_tqdm=True, max_length=48,
     )  # fmt: skip
-    trainer = SFTTrainer(model=tuned, args=args, train_dataset=Dataset.from_list(synthetic_rows(8)), processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=tuned, args=args, train_dataset=Dataset.from_list(synthetic_rows(8)), processing_class=tokenizer
+    )
     with pytest.raises(dt.ConfigError, match="virtual tokens would be skipped"):
         trainer.train()
