@@ -52,6 +52,8 @@ METHODS = {
     "gralora-hybrid": ("GraloraConfig", {"r": 4, "alpha": 8, "gralora_k": 4, "hybrid_r": 2}, {"llama": LLAMA}),
     "shira": ("ShiraConfig", {"r": 2, "random_seed": 11}, {"llama": LLAMA}),
     "shira-unseeded": ("ShiraConfig", {"r": 1}, {"llama": LLAMA}),
+    "vera": ("VeraConfig", {"r": 4, "projection_prng_key": 7}, {"llama": LLAMA}),
+    "vera-seed-only": ("VeraConfig", {"r": 6, "save_projection": False}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

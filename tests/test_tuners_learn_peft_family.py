@@ -25,6 +25,7 @@ METHODS = {
     "road": ({"variant": "road_4", "group_size": 4}, 2e-1, 0.15),  # rotates outputs only
     "gralora": ({"r": 4, "alpha": 8}, 2e-2),
     "shira": ({"r": 2, "random_seed": 0}, 5e-2),
+    "vera": ({"r": 16}, 5e-2),
     "hra": ({"r": 8}, 5e-2, 0.15),  # reflections only, like OFT
     "boft": ({"boft_block_size": 4, "boft_n_butterfly_factor": 2}, 1e-1),
 }

@@ -43,6 +43,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.road",
     "deltatune.tuners.gralora",
     "deltatune.tuners.shira",
+    "deltatune.tuners.vera",
 )
 
 
@@ -93,6 +94,9 @@ class TunerSpec:
     slots: Callable[[nn.Module, TunerConfig], tuple[str, list[int]]] | None = None
     """"structural" kind: (path of an nn.ModuleList, indices of its entries after which a new layer is
     inserted); raise ConfigError saying why when the model has no such list."""
+    file_keys: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """Optional: rename an adapter's tensors (keyed by module path) to the file's keys. A key "base_model.<name>"
+    is a tensor peft keeps once per adapter at model level (VeRA's shared projections); it is written as is."""
     mergeable: bool = True
     """False when the adapter has no weight-space form (nonlinear or added layers): merge_adapter refuses it."""
     identity_at_init: bool = True

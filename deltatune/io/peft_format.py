@@ -3,7 +3,9 @@
     <dir>/adapter_config.json          peft's config (only fields peft knows)
     <dir>/adapter_model.safetensors    keys "base_model.model.<module path>.<param>", no adapter name;
                                        tensors held outside the model (peft's prompt learning
-                                       "prompt_embeddings") are stored under their bare, dot-free key
+                                       "prompt_embeddings") are stored under their bare, dot-free key;
+                                       tensors peft keeps once per adapter at model level (VeRA's
+                                       projections) under "base_model.<name>"
     <dir>/deltatune_config.json        our extra fields (peft ignores unknown files), and where the adapter
                                        came from: base fingerprint, chat template hash, sha256 of the
                                        weights (deltatune.io.provenance)
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
@@ -35,6 +38,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 SIDECAR_NAME = "deltatune_config.json"
 KEY_PREFIX = "base_model.model."
+MODEL_LEVEL_KEY = re.compile(r"base_model\.[^.]+")
+"""A tensor peft keeps once per adapter beside the model (VeRA's "base_model.vera_A"): read and written as is."""
 
 
 class AdapterFileError(ValueError):
@@ -76,8 +81,9 @@ def write_adapter(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     assert not any("." in key for key in bare_keys), f"bare keys must not contain '.': {sorted(bare_keys)}"
+    as_is = set(bare_keys) | {key for key in tensors if MODEL_LEVEL_KEY.fullmatch(key)}
     payload = {
-        (key if key in bare_keys else KEY_PREFIX + key): value.detach().to("cpu").contiguous()
+        (key if key in as_is else KEY_PREFIX + key): value.detach().to("cpu").contiguous()
         for key, value in tensors.items()
     }
     peft_dict, sidecar = config.to_peft_dict()
@@ -174,7 +180,8 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
     tensors: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
-        bare = "." not in key  # a tensor held outside the model, e.g. peft's "prompt_embeddings"
+        # a tensor held outside the model: peft's "prompt_embeddings", or a model-level "base_model.vera_A"
+        bare = "." not in key or MODEL_LEVEL_KEY.fullmatch(key) is not None
         if not key.startswith(KEY_PREFIX) and not bare:
             raise AdapterFileError(f"{weights}: key {key!r} lacks the {KEY_PREFIX!r} prefix of the peft format")
         if value.numel() == 0:

@@ -1,0 +1,131 @@
+"""VeRA: dW = diag(b) B diag(d) A, with A, B random, frozen and shared by every layer; only b and d train.
+
+Kopiczko et al. 2024, "VeRA: Vector-based Random Matrix Adaptation", https://arxiv.org/abs/2310.11454.
+One pair of random projections A (r, in_max) and B (out_max, r) serves all adapted layers (each
+uses the top-left slice it needs); per layer only the scaling vectors d (r) and b (out) train, so
+r + out values per layer, ten times fewer than LoRA at equal quality in the paper:
+
+    y = base(x) + b * (B[:out] (d * (A[:, :in] x)))
+
+A and B are Kaiming-uniform from a CPU generator seeded with `projection_prng_key` (A drawn first,
+then B, exactly as peft draws them), so they can be rebuilt instead of saved (`save_projection=False`).
+b starts at zero and d at `d_initial`: a fresh adapter is the identity. Layer kinds: Linear and
+GPT-2 Conv1D.
+
+File layout is peft's: "<module>.vera_lambda_b" (out,), "<module>.vera_lambda_d" (r,), and, with
+save_projection (the default), the shared projections once per adapter at model level:
+"base_model.vera_A" (r, in_max) and "base_model.vera_B" (out_max, r).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deltatune.backends import LayerInfo
+from deltatune.core.config import ConfigError, TunerConfig
+from deltatune.core.registry import TunerSpec
+from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, check_positive_int, check_probability
+
+SHARED = ("vera_A", "vera_B")
+
+
+@dataclass(kw_only=True)
+class VeraConfig(TunerConfig):
+    """Configuration of a VeRA adapter (field names and meanings are peft's)."""
+
+    tuner_name = "vera"
+    peft_type = "VERA"
+    unsupported_peft_keys = {"bias": "none"}
+    sidecar_fields = frozenset({"exclude_modules"})  # not a VeraConfig field in peft
+
+    r: int = 256
+    """Rank of the shared projections (larger costs only r values per layer)."""
+    projection_prng_key: int = 0
+    """Seed of the shared projections A and B."""
+    save_projection: bool = True
+    """Save A and B with the adapter (safer across torch versions); False rebuilds them from the seed."""
+    vera_dropout: float = 0.0
+    """Dropout on the update's input only."""
+    d_initial: float = 0.1
+    """Initial value of every entry of d."""
+    fan_in_fan_out: bool = False
+    """Kept for peft's files; GPT-2 Conv1D layers are read in the canonical (out, in) layout."""
+    init_weights: bool = True
+    """True: b = 0, d = d_initial (identity). False: b = 1, d ~ N(0, 1) (tests only)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("r", self.r)
+        check_positive_int("projection_prng_key", self.projection_prng_key, allow_zero=True)
+        check_probability("vera_dropout", self.vera_dropout)
+
+
+def kaiming_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """peft's _kaiming_init: uniform(+-sqrt(6 / fan_in)) drawn from `generator` (fan_in = shape[1])."""
+    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeraDelta(DenseDelta):
+    """Per-layer scaling vectors; `vera_A` / `vera_B` (shared tensors) are attached by `connect`."""
+
+    def __init__(self, info: LayerInfo, *, r: int, d_initial: float, init: bool, dropout: float):
+        super().__init__(info, dropout=dropout)
+        self.vera_lambda_b = nn.Parameter(torch.zeros(info.out_features) if init else torch.ones(info.out_features))
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial)) if init else torch.randn(r))
+
+    def delta_weight(self) -> torch.Tensor:
+        a = self.vera_A[:, : self.info.in_features].float()  # (r, in)
+        b = self.vera_B[: self.info.out_features].float()  # (out, r)
+        return (self.vera_lambda_b.float()[:, None] * b) @ (self.vera_lambda_d.float()[:, None] * a)  # (out, in)
+
+
+def build(config: VeraConfig, info: LayerInfo, module_name: str) -> nn.Module:
+    """The one place VeraConfig is read (with connect, which reads the seed)."""
+    if info.kind != "linear":
+        raise ConfigError(f"VeRA adapts linear layers only; {module_name!r} is a {info.kind} layer")
+    return VeraDelta(
+        info, r=config.r, d_initial=config.d_initial, init=config.init_weights, dropout=config.vera_dropout
+    )
+
+
+def connect(model: nn.Module, config: VeraConfig, adapter_name: str, targets: list[str]):
+    """Draw A and B once, sized for the largest target, and give every layer of this adapter the same tensors."""
+    deltas = [model.get_submodule(name).deltas[adapter_name] for name in targets]
+    generator = torch.Generator().manual_seed(config.projection_prng_key)
+    a = kaiming_projection((config.r, max(d.info.in_features for d in deltas)), generator)
+    b = kaiming_projection((max(d.info.out_features for d in deltas), config.r), generator)
+    device = deltas[0].vera_lambda_b.device
+    a, b = a.to(device), b.to(device)
+    for delta in deltas:  # one tensor each, registered in every layer: saved once, loaded into all
+        delta.register_buffer("vera_A", a, persistent=config.save_projection)
+        delta.register_buffer("vera_B", b, persistent=config.save_projection)
+    return lambda: None
+
+
+def file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shared projections go to peft's model-level keys "base_model.vera_A" / "base_model.vera_B"."""
+    out = {}
+    for key, value in tensors.items():
+        leaf = key.rpartition(".")[2]
+        out[f"base_model.{leaf}" if leaf in SHARED else key] = value
+    return out
+
+
+SPEC = TunerSpec(
+    name="vera",
+    kind="delta",
+    config=VeraConfig,
+    peft_type="VERA",
+    dispatch=("linear",),
+    build=build,
+    connect=connect,
+    file_keys=file_keys,
+    paper="https://arxiv.org/abs/2310.11454",
+    contract_models=CONTRACT_MODELS,
+    example_configs=({"r": 4, "d_initial": 0.5}, {"r": 3, "save_projection": False}),
+)
