@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from deltatune.runtime import prefer_passive_waiting
+
+prefer_passive_waiting()  # before torch loads OpenMP: idle threads sleep instead of spinning (deltatune/runtime.py)
+
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.peft_api import (  # peft's names
     get_base_model_state_dict,

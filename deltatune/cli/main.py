@@ -4,6 +4,7 @@
     deltatune sft --model M --dataset D --output-dir OUT --max-steps 200
     deltatune sft --task image-classification --model efficientnet-lite0 --dataset fashion-mnist#1000
     deltatune infer --model M --adapter OUT/adapter --prompt "Hello"
+    deltatune infer --model M --adapter OUT/adapter          # chat on a terminal; one prompt a line from a pipe
     deltatune eval --model M --adapter OUT/adapter --dataset D
     deltatune export --model M --adapter OUT/adapter --output-dir merged --merge
     deltatune inspect --model M --tuner lora --tuner-args r=16,target_modules=all-linear
@@ -110,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="answer prompts with a model (+ adapter)")
     _add_common_model_flags(infer)
-    source = infer.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one user message (the answer streams)")
+    source = infer.add_mutually_exclusive_group()  # neither: chat from stdin (deltatune/cli/chat.py)
+    source.add_argument("--prompt", help="one user message (the answer streams); without --prompt/--dataset: chat")
     source.add_argument("--dataset", help="dataset spec: answer the user turn of each row")
     infer.add_argument("--merge", action="store_true", help="fold the adapter into the weights first (faster)")
     infer.add_argument("--max-new-tokens", type=int, default=64)
@@ -165,7 +166,7 @@ def sft_args(ns: argparse.Namespace) -> TrainArgs:
     """TrainArgs from defaults <- --config file <- flags (flags win)."""
     from deltatune.cli.parsing import parse_tuner_args, read_config_file
 
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "debug", "config")}
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "debug", "config", "threads")}
     args = TrainArgs()
     if getattr(ns, "config", None):
         data = read_config_file(ns.config)

@@ -108,9 +108,11 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     catalog = load_catalog()
     if name not in catalog:
         offline = ", ".join(s.name for s in catalog.values() if s.offline)
+        from deltatune.suggest import did_you_mean
+
         raise DataError(
             f"unknown dataset {name!r}: not in the catalogue and not an existing file "
-            f"(.jsonl/.json/.csv/.parquet). Offline built-ins: {offline}. "
+            f"(.jsonl/.json/.csv/.parquet). {did_you_mean(name, catalog)}Offline built-ins: {offline}. "
             f"`deltatune datasets` lists every name."
         )
     return catalog[name]

@@ -21,6 +21,8 @@ from typing import Any
 
 from deltatune.assets import AssetError, cache_root, is_available, prepare
 from deltatune.models.catalog import ModelSpec, load_catalog
+from deltatune.models.reach import hub_cache_folder, offline_reason
+from deltatune.suggest import did_you_mean
 from deltatune.models.templates import template_text
 
 
@@ -72,19 +74,34 @@ def _refuse_remote_code(what: str, reason: str) -> RemoteCodeError:
     )
 
 
-def resolve_model(name: str, *, log=print, trust_remote_code: bool | None = None) -> tuple[str, ModelSpec | None]:
+def resolve_model(
+    name: str, *, log=print, trust_remote_code: bool | None = None, hub: str | None = None
+) -> tuple[str, ModelSpec | None]:
     """Registry name / folder / hub id -> (what from_pretrained gets, the registry entry or None).
 
     Args:
         trust_remote_code: when False, a registry entry that needs remote code is refused here,
             before any download; None leaves the check to load_model / load_tokenizer.
+        hub: "modelscope" (or DELTATUNE_HUB=ms) downloads hub ids and registry entries from
+            ModelScope (deltatune/export/download.py); so does an `ms://` / `modelscope://` name.
 
     Raises:
         RemoteCodeError: see trust_remote_code.
         ModelError: a registry model with no offline copy while offline, an asset that fails, an
             entry with no Hugging Face id, a folder without config.json, a malformed name.
     """
+    from deltatune.export import download as modelscope
+
+    ms_id = modelscope.modelscope_id(name)
+    if ms_id is None and modelscope.wants_modelscope(hub) and get_model_spec(name) is None:
+        ms_id = None if Path(name).expanduser().exists() else name  # a hub id, asked of ModelScope
+    if ms_id is not None:
+        return str(modelscope.download_model(ms_id, trust_remote_code=bool(trust_remote_code), log=log)), None
     spec = get_model_spec(name)
+    twin = None if spec is not None else _registry_twin(name)
+    if twin is not None and is_offline_available(twin) and (why := offline_reason()) is not None:
+        log(f"{name}: the hub is not reachable ({why}); using the registry's offline copy {twin.name!r}")
+        spec = twin
     if spec is not None:
         if trust_remote_code is False and spec.requires_remote_code:
             raise _refuse_remote_code(f"model {spec.name!r}", f"the {spec.family} family ships its own modeling code")
@@ -98,6 +115,9 @@ def resolve_model(name: str, *, log=print, trust_remote_code: bool | None = None
                 raise ModelError(str(err)) from None
         if spec.asset is not None and _offline():
             raise ModelError(f"model {name!r} is offline-capable but not installed: {spec.asset.install}")
+        if spec.ms_id is not None and (spec.hf_id is None or modelscope.wants_modelscope(hub)):
+            folder = modelscope.download_model(spec.ms_id, trust_remote_code=bool(trust_remote_code), log=log)
+            return str(folder), spec
         if spec.hf_id is None:
             raise ModelError(
                 f"model {name!r} is published on ModelScope only ({spec.ms_id}); download it into {local} "
@@ -114,9 +134,37 @@ def resolve_model(name: str, *, log=print, trust_remote_code: bool | None = None
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise ModelError(
             f"model {name!r} is not a registry name (`deltatune models` lists them), a local folder, "
-            "or a hub id (owner/name)"
+            f"or a hub id (owner/name); {did_you_mean(name, MODELS)}".rstrip("; ")
         )
     return name, None
+
+
+def _registry_twin(hub_id: str) -> ModelSpec | None:
+    """The registry entry published under this hub id (Hugging Face or ModelScope), if any."""
+    wanted = hub_id.lower()
+    return next((s for s in MODELS.values() if wanted in ((s.hf_id or "").lower(), (s.ms_id or "").lower())), None)
+
+
+def hub_source(source: str) -> str:
+    """`source` if it is a folder or the hub answers; else the hub id's copy in the Hugging Face cache.
+
+    Raises:
+        ModelError: the hub is unreachable (or offline mode is on) and nothing is cached: one line,
+            at once, instead of a minute of retries.
+    """
+    if Path(source).expanduser().is_dir():
+        return source
+    why = offline_reason()
+    if why is None:
+        return source
+    cached = hub_cache_folder(source)
+    if cached is not None:
+        return cached
+    raise ModelError(
+        f"could not load {source!r}: the hub is not reachable ({why}) and it is not in the Hugging Face cache; "
+        "use a local folder, download it on a connected machine, or a registry model that is available "
+        "offline (`deltatune models`)"
+    )
 
 
 def spec_for_source(source: str) -> ModelSpec | None:
@@ -194,8 +242,9 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     check_remote_code(source, trust_remote_code=trust_remote_code)
+    where = hub_source(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _hub_error(source, err) from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
@@ -210,8 +259,9 @@ def load_config(source: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
     check_remote_code(source, trust_remote_code=trust_remote_code)
+    where = hub_source(source)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _hub_error(source, err) from None
 
@@ -255,8 +305,9 @@ def load_model(
             bnb_4bit_compute_dtype=compute,
         )
     auto = {"CAUSAL_LM": transformers.AutoModelForCausalLM, "SEQ_CLS": transformers.AutoModelForSequenceClassification}
+    where = hub_source(source)
     try:
-        model = auto.get(task_type, transformers.AutoModelForCausalLM).from_pretrained(source, **kwargs)
+        model = auto.get(task_type, transformers.AutoModelForCausalLM).from_pretrained(where, **kwargs)
     except ImportError as err:
         raise ModelError(f"loading {source!r} needs a missing package: {err}") from None
     except (OSError, ValueError) as err:

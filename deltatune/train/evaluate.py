@@ -7,7 +7,6 @@ supervised tokens (shifted by one, as a causal LM predicts the next token).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from deltatune.data import collate
 from deltatune.ops import causal_lm_loss
+from deltatune.text import words
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -28,13 +28,13 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 @torch.no_grad()
 def evaluate_loss(
-    model: Any, examples: Sequence[dict], *, batch_size: int, pad_id: int, device: Any = "cpu"
+    model: Any, examples: Sequence[dict], *, batch_size: int, pad_id: int, device: Any = "cpu", progress: bool = True
 ) -> dict[str, float]:
-    """{"loss", "perplexity", "tokens"} over `examples`."""
+    """{"loss", "perplexity", "tokens"} over `examples`; a progress bar on a terminal unless progress=False."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for start in _batches(len(examples), batch_size, "held-out loss", progress):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         loss, n = token_loss_sum(model, batch)
         total += float(loss)
@@ -47,16 +47,17 @@ def evaluate_loss(
 @torch.no_grad()
 def generate_answers(
     model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], *, max_new_tokens: int = 64,
-    batch_size: int = 8, streamer: Any = None, device: Any = "cpu",
+    batch_size: int = 8, streamer: Any = None, device: Any = "cpu", progress: bool = True,
 ) -> list[str]:  # fmt: skip
-    """Greedy answers to conversations (each ending with a user turn), batched with left padding."""
+    """Greedy answers to conversations (each ending with a user turn), batched with left padding; a progress
+    bar on a terminal when there is more than one batch, unless progress=False."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in _batches(len(prompts), batch_size, "generating answers", progress and streamer is None):
             texts = [
                 tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
                 for p in prompts[start : start + batch_size]
@@ -74,8 +75,15 @@ def generate_answers(
     return answers
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+def _batches(n: int, batch_size: int, what: str, progress: bool) -> Iterable[int]:
+    """Batch start offsets, shown as a progress bar on stderr when it is a terminal (tqdm's disable=None)
+    and there is more than one batch: evaluation on CPU can otherwise be minutes of silence."""
+    starts = range(0, n, batch_size)
+    if not progress or len(starts) < 2:
+        return starts
+    from tqdm.auto import tqdm
+
+    return tqdm(starts, desc=what, unit="batch", disable=None, leave=False, dynamic_ncols=True)
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -92,8 +100,8 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased word tokens (Lin 2004): 2PR / (P + R) from the LCS."""
-    pred, ref = _words(prediction), _words(reference)
+    """ROUGE-L F1 on lower-cased word tokens, CJK by character (Lin 2004): 2PR / (P + R) from the LCS."""
+    pred, ref = words(prediction), words(reference)
     lcs = lcs_length(pred, ref)
     if lcs == 0:
         return 0.0
