@@ -35,6 +35,7 @@ class FakeHub:
     kind: str
     requests: list[Request] = field(default_factory=list)
     repos: dict = field(default_factory=dict)  # repo_id -> {"private": bool, "files": {path: bytes}}
+    blobs: dict = field(default_factory=dict)  # sha256 -> bytes uploaded through git-LFS (ModelScope)
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -191,7 +192,7 @@ def _ms_lfs_batch(hub, req):
 
 
 def _ms_lfs_put(hub, req):
-    hub.repos.setdefault("_lfs", {})[req.path.rsplit("/", 1)[1]] = req.body
+    hub.blobs[req.path.rsplit("/", 1)[1]] = req.body
     return 200, {}, b""
 
 
@@ -200,7 +201,7 @@ def _ms_commit(hub, req):
     data = req.json()
     for action in data["actions"]:
         if action.get("type") == "lfs":
-            repo["files"][action["path"]] = hub.repos["_lfs"][action["sha256"]]
+            repo["files"][action["path"]] = hub.blobs[action["sha256"]]
         else:
             repo["files"][action["path"]] = base64.b64decode(action.get("content") or "")
     repo["message"] = data.get("commit_message")
