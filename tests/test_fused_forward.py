@@ -20,6 +20,8 @@ CONFIGS = {
         target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
     ),  # fmt: skip
     "prompt": lambda: dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "ptuning": lambda: dt.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16, task_type="CAUSAL_LM"),
+    "prefix": lambda: dt.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
 }
 
 
@@ -105,6 +107,9 @@ def test_models_the_fused_path_cannot_prove_equal_take_the_standard_forward():
     assert head_trains(**batch).logits is not None
     tuned = _tuned("lora")
     assert "logits_to_keep" in fused_forward.why_not_fused(tuned.model, {**batch, "logits_to_keep": 1})
+    assert "logits_to_keep" in fused_forward.why_not_fused(
+        tuned.model, {**batch, "logits_to_keep": torch.tensor([1, 2])}
+    )
     assert "return_dict" in fused_forward.why_not_fused(tuned.model, {**batch, "return_dict": False})
     handle = tuned.model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
     try:

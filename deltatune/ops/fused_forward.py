@@ -38,7 +38,8 @@ def why_not_fused(model: nn.Module, kwargs: dict[str, Any]) -> str | None:
     labels = kwargs.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         return "no 2-D token labels"
-    if kwargs.get("return_dict") is False or kwargs.get("logits_to_keep", 0) not in (0, None):
+    keep = kwargs.get("logits_to_keep")
+    if kwargs.get("return_dict") is False or not (keep is None or (isinstance(keep, int) and keep == 0)):
         return "return_dict=False or logits_to_keep asks for the standard outputs"
     if kwargs.get("ignore_index", IGNORE_INDEX) != IGNORE_INDEX:
         return "a custom ignore_index"
