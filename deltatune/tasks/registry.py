@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "token-classification": "deltatune.tasks.token_classification:TokenClassificationTask",
     "seq2seq": "deltatune.tasks.seq2seq:Seq2SeqTask",
     "image-classification": "deltatune.tasks.image_classification:ImageClassificationTask",
+    "text-to-image": "deltatune.tasks.text_to_image:TextToImageTask",
 }
 
 

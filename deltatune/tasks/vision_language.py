@@ -144,3 +144,17 @@ def generate_captions(
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)  # (B, T + new)
     new_tokens = out[:, inputs["input_ids"].shape[1] :]
     return [collator.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_tokens]
+
+
+def caption_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[Any, str, str]]:
+    """(image, caption, prompt) of canonical image-caption rows ({"messages", "images"}, as the
+    loader converts `{"image", "caption"}` rows) or of raw {"image", "caption"} rows."""
+    pairs = []
+    for row in rows:
+        if "images" in row and "messages" in row:
+            user = next(m["content"] for m in row["messages"] if m["role"] == "user")
+            answer = [m["content"] for m in row["messages"] if m["role"] == "assistant"][-1]
+            pairs.append((row["images"][0], answer, user.replace("<image>", "").strip()))
+        else:
+            pairs.append((row.get("image"), row.get("caption"), ""))
+    return pairs

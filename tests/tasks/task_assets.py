@@ -85,6 +85,34 @@ def tiny_vit(folder: Path) -> Path:
     return folder
 
 
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (240, 240, 240)}
+
+
+def caption_images(folder: Path, n: int, size: int = 16, seed: int = 0) -> Path:
+    """n PNG images (a colored square on a dark or light ground) with captions, as captions.jsonl."""
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        color = rng.choice(sorted(COLORS))
+        pixels = np.full((size, size, 3), 20 if i % 2 else 120, dtype=np.uint8)
+        pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = COLORS[color]
+        path = folder / f"{i}.png"
+        Image.fromarray(pixels).save(path)
+        rows.append({"image": str(path), "caption": f"a {color} square"})
+    return _jsonl(folder / "captions.jsonl", rows)
+
+
+def tiny_sd_folder(folder: Path) -> Path:
+    from deltatune.tasks.tiny import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
 def build_all(root: Path) -> dict[str, tuple[str, str]]:
     """task -> (model, dataset) for tiny runs."""
     llama, chat = make_assets(root)
@@ -100,4 +128,5 @@ def build_all(root: Path) -> dict[str, tuple[str, str]]:
         "token-classification": (str(bert), str(_jsonl(root / "ner.jsonl", ner_rows(64)))),
         "image-classification": (str(tiny_vit(root / "tiny-vit")), "digits#64"),
         "seq2seq": (save_tiny_t5(str(root / "tiny-t5"), texts), str(chat)),
+        "text-to-image": (str(tiny_sd_folder(root / "tiny-sd")), str(caption_images(root / "captions", 40))),
     }

@@ -18,7 +18,15 @@ from task_assets import build_all
 from deltatune.tasks.registry import get_task, task_names
 from deltatune.train import Interrupted, TrainArgs, train
 
-TASKS = ["causal-lm", "pretrain", "sequence-classification", "token-classification", "image-classification", "seq2seq"]
+TASKS = [
+    "causal-lm",
+    "pretrain",
+    "sequence-classification",
+    "token-classification",
+    "image-classification",
+    "seq2seq",
+    "text-to-image",
+]
 LORA = {"r": 4, "lora_alpha": 8}
 
 
@@ -125,3 +133,15 @@ def test_entity_f1_is_span_exact():
     assert entity_f1(gold, gold)["entity_f1"] == 1.0
     half = entity_f1([["B-PER", "O", "O", "B-LOC"]], gold)  # PER span cut short: wrong; LOC right
     assert half["precision"] == 0.5 and half["recall"] == 0.5
+
+
+def test_text_to_image_writes_sample_pngs_and_a_diffusers_lora(assets, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    result = train(_args("text-to-image", assets, out, max_steps=2, num_samples=1), log=lambda *_: None)
+    before, after = Image.open(out / "samples" / "before-0.png"), Image.open(out / "samples" / "after-0.png")
+    assert before.size == after.size == (16, 16)
+    assert result.samples[0]["before"].endswith("before-0.png")
+    lora = load_file(str(out / "diffusers_lora" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("unet.") and ".lora_" in k for k in lora)
