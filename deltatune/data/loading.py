@@ -6,6 +6,7 @@ RNG (N larger than the source upsamples: every row once, the rest drawn with rep
 
     "chatterbot-en"                       all unique chatterbot pairs
     "chatterbot-en#200,data/mine.jsonl"   200 sampled pairs, then every row of a local file
+    "ms://owner/name#500"                 a ModelScope data set repo's data file (deltatune/export/download.py)
 
 Every source is read, converted to the canonical form of its format and validated row by row;
 problems are counted per reason in a DataReport, and a source fails as a whole (DataError)
@@ -143,6 +144,10 @@ def load_source(
     offline = is_offline() if offline is None else offline
     report = DataReport(source=source.name)
     path = Path(source.name)
+    if source.name.startswith(("ms://", "modelscope://")):  # a ModelScope data set repo (or one file in it)
+        from deltatune.export.download import download_dataset
+
+        path = download_dataset(source.name, offline=offline)
     options: dict[str, Any] = {}
     default_sample = None
     if path.suffix.lower() in LOCAL_SUFFIXES or path.is_file():

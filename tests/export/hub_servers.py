@@ -35,6 +35,7 @@ class FakeHub:
     kind: str
     requests: list[Request] = field(default_factory=list)
     repos: dict = field(default_factory=dict)  # repo_id -> {"private": bool, "files": {path: bytes}}
+    datasets: dict = field(default_factory=dict)  # repo_id -> {"files": {path: bytes}} (ModelScope data sets)
     blobs: dict = field(default_factory=dict)  # sha256 -> bytes uploaded through git-LFS (ModelScope)
     server: ThreadingHTTPServer | None = None
 
@@ -208,22 +209,28 @@ def _ms_commit(hub, req):
     return _ms_ok({"CommitId": "abc123"})
 
 
+def _ms_store(hub, path: str) -> tuple[dict, str]:
+    kind = path.split("/api/v1/", 1)[1].split("/", 1)[0]
+    owner, name = path.split(f"/api/v1/{kind}/", 1)[1].split("/")[:2]
+    return (hub.repos if kind == "models" else hub.datasets), f"{owner}/{name}"
+
+
 def _ms_files(hub, req):
-    repo_id = req.path.split("/api/v1/models/", 1)[1].split("/repo/files", 1)[0]
-    if repo_id not in hub.repos:
-        return _json({"Code": 10010201, "Success": False, "Message": "model not found"}, 404)
+    store, repo_id = _ms_store(hub, req.path)
+    if repo_id not in store:
+        return _json({"Code": 10010201, "Success": False, "Message": "repo not found"}, 404)
     files = [
         {"Name": path.rsplit("/", 1)[-1], "Path": path, "Type": "blob", "Size": len(data), "Sha256": sha256(data),
          "Revision": "abc123", "IsLFS": path.endswith(".safetensors")}
-        for path, data in sorted(hub.repos[repo_id]["files"].items())
+        for path, data in sorted(store[repo_id]["files"].items())
     ]  # fmt: skip
     return _ms_ok({"Files": files})
 
 
 def _ms_file(hub, req):
-    repo_id = req.path.split("/api/v1/models/", 1)[1].rsplit("/repo", 1)[0]
+    store, repo_id = _ms_store(hub, req.path)
     path = req.query.get("FilePath", [""])[0]
-    data = hub.repos.get(repo_id, {}).get("files", {}).get(path)
+    data = store.get(repo_id, {}).get("files", {}).get(path)
     if data is None:
         return _json({"Code": 10010202, "Success": False, "Message": "file not found"}, 404)
     return 200, {"Content-Type": "application/octet-stream"}, data
@@ -232,6 +239,8 @@ def _ms_file(hub, req):
 MS_ROUTES[:] = [
     ("GET", "/api/v1/models/", "/repo/files", _ms_files),
     ("GET", "/api/v1/models/", "/repo", _ms_file),
+    ("GET", "/api/v1/datasets/", "/repo/tree", _ms_files),
+    ("GET", "/api/v1/datasets/", "/repo", _ms_file),
     ("POST", "/api/v1/models", "/models", _ms_create),
     ("POST", "/api/v1/repos/models/", "/info/lfs/objects/batch", _ms_lfs_batch),
     ("PUT", "/lfs-upload/", "", _ms_lfs_put),

@@ -219,3 +219,34 @@ def test_modelscope_remote_code_is_refused(ms, ms_model):
     source, _ = resolve_model("ms://owner/evil", log=lambda *_: None)
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
         load_model(source)
+
+
+# -- data sets from ModelScope ----------------------------------------------------------------------
+def test_modelscope_dataset_spec(ms, monkeypatch):
+    import json
+
+    from deltatune.data import DataError, load_rows
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(6)
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    ms.datasets["owner/chat"] = {
+        "files": {
+            "data/train.jsonl": data,
+            "data/test.jsonl": data.splitlines(keepends=True)[0],
+            "README.md": b"# card",
+        }
+    }
+    loaded, _ = load_rows("ms://owner/chat#4")
+    assert len(loaded) == 4 and loaded[0]["messages"][0]["role"] == "user"
+    one_file, _ = load_rows("ms://owner/chat/data/test.jsonl")
+    assert len(one_file) == 1
+    ms.datasets["owner/two"] = {"files": {"a.jsonl": data, "b.jsonl": data}}
+    with pytest.raises(DataError, match=r"holds 2 data files \(a.jsonl, b.jsonl\); name one: ms://owner/two/FILE"):
+        load_rows("ms://owner/two")
+    monkeypatch.setenv("DELTATUNE_OFFLINE", "1")
+    assert len(load_rows("ms://owner/chat")[0]) == 6  # from the cache, no request
+    with pytest.raises(DataError, match="not in the ModelScope cache"):
+        load_rows("ms://owner/never")
