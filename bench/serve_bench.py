@@ -60,10 +60,13 @@ def make_adapters(folder: Path, base_dir: str) -> dict[str, str]:
         for name, param in tuned.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.02, generator=gen)
+    from deltatune.io import write_adapter
+
     paths = {}
-    for name in ADAPTERS:
-        tuned.save_pretrained(folder / name, selected_adapters=[name])
-        paths[name] = str(folder / name / name) if (folder / name / name).is_dir() else str(folder / name)
+    for name in ADAPTERS:  # the PEFT files save_pretrained writes, one folder per adapter
+        config = tuned.adapters[name].config.replace(inference_mode=True, base_model_name_or_path=base_dir)
+        write_adapter(folder / name, config, tuned.adapter_state_dict(name))
+        paths[name] = str(folder / name)
     return paths
 
 

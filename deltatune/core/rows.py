@@ -131,7 +131,9 @@ def mixed_rows(
     deltas = [w for _, w in inject.delta_wrappers(model)]
     merged = sorted({n for w in deltas for n in w.merged})
     if merged:
-        raise ConfigError(f"adapter_names cannot be used while adapters {merged} are merged; call unmerge_adapter() first")
+        raise ConfigError(
+            f"adapter_names cannot be used while adapters {merged} are merged; call unmerge_adapter() first"
+        )
     wrappers = deltas + [s for _, s in inject.save_wrappers(model)]
     rows = RowAdapters(names, expand)
     for wrapper in wrappers:

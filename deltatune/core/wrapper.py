@@ -305,15 +305,15 @@ class DeltaWrapper(nn.Module):
             for name, idx in used:
                 out.index_copy_(0, idx, self._forward_with([name], args, kwargs).index_select(0, idx))
             return out
-        full = self.base_layer(x)  # (B, ..., out)
+        base = self.base_layer
+        full = base(x)  # (B, ..., out)
         out = full.clone()
         for name, idx in used:
             delta, xg = deltas[name], x.index_select(0, idx)
             if replaces_parameters(delta):
                 yg = functional_call(self.base_layer, delta.overrides(), (xg,))
             else:
-                fg = full.index_select(0, idx)
-                base = self.base_layer
+                fg = full.index_select(0, idx)  # the group's base output, unless the delta feeds the base another x
                 yg = delta(xg, BaseCall(self, lambda t, xg=xg, fg=fg: fg if t is xg else base(t), (), {}))
             out.index_copy_(0, idx, yg.to(out.dtype))
         return out

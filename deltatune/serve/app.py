@@ -112,7 +112,9 @@ def create_app(state: ServerState) -> FastAPI:
         if set(body) - {"name", "path"} or not isinstance(name, str) or not isinstance(path, str):
             raise APIError(400, 'POST /v1/adapters takes {"name": str, "path": adapter folder}')
         if name in state.adapters or name == state.base_id or name == BASE:
-            raise APIError(409, f"an adapter or model named {name!r} is already served; DELETE it first or pick another name")
+            raise APIError(
+                409, f"an adapter or model named {name!r} is already served; DELETE it first or pick another name"
+            )
         check_servable(path)  # before the engine is asked to do anything
         await asyncio.wrap_future(state.engine.call(lambda: _load_into(state.engine.model, name, path)))
         state.adapters[name] = path
@@ -184,7 +186,9 @@ def _adapter_for(state: ServerState, model: str) -> str:
     raise APIError(404, f"model {model!r} is not served; choose one of {served} (GET /v1/models)", param="model")
 
 
-async def _complete(state: ServerState, request: Request, parsed: Parsed, prompts: list[list[int]], *, chat: bool) -> Any:
+async def _complete(
+    state: ServerState, request: Request, parsed: Parsed, prompts: list[list[int]], *, chat: bool
+) -> Any:
     adapter = _adapter_for(state, parsed.model)
     engine, limits = state.engine, state.limits
     seqs: list[Sequence] = []
@@ -243,11 +247,15 @@ def _choice_params(parsed: Parsed, max_tokens: int, choice: int):
 
 
 async def _wait(request: Request, engine: Engine, seqs: list[Sequence], queue: asyncio.Queue) -> None:
-    """Until every sequence finished; a client that went away cancels them."""
+    """Until every sequence finished; a client that went away cancels them (checked twice a second)."""
+    checked = time.monotonic()
     while any(s.finish_reason is None for s in seqs):
         try:
             await asyncio.wait_for(queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
+            pass
+        if time.monotonic() - checked >= 0.5:
+            checked = time.monotonic()
             if await request.is_disconnected():
                 engine.cancel(seqs)
                 return
@@ -256,7 +264,9 @@ async def _wait(request: Request, engine: Engine, seqs: list[Sequence], queue: a
 def _raise_failed(seqs: list[Sequence], limits: Limits) -> None:
     reasons = {s.finish_reason for s in seqs}
     if "timeout" in reasons:
-        raise APIError(504, f"the request ran past the server's timeout of {limits.request_timeout:g} s (--request-timeout)")
+        raise APIError(
+            504, f"the request ran past the server's timeout of {limits.request_timeout:g} s (--request-timeout)"
+        )
     failed = next((s for s in seqs if s.finish_reason == "error"), None)
     if failed is not None:
         status = 404 if "was unloaded" in (failed.error or "") else 500
@@ -270,7 +280,13 @@ def _usage(seqs: list[Sequence], n: int) -> dict[str, int]:
 
 
 async def _stream(
-    state: ServerState, request: Request, seqs: list[Sequence], queue: asyncio.Queue, parsed: Parsed, ident: str, chat: bool
+    state: ServerState,
+    request: Request,
+    seqs: list[Sequence],
+    queue: asyncio.Queue,
+    parsed: Parsed,
+    ident: str,
+    chat: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of new text per choice, the finish, usage, [DONE]."""
     created, sent, closed = int(time.time()), [0] * len(seqs), [False] * len(seqs)
@@ -296,7 +312,7 @@ async def _stream(
         while not all(closed):
             try:
                 await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if await request.is_disconnected():
                     return
                 continue

@@ -197,7 +197,9 @@ class Engine:
             self._decode()
             self._drop_finished()
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, names: list[str]):
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, names: list[str]
+    ):
         kwargs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "use_cache": True,
                   "logits_to_keep": 1, self._cache_key: cache, "adapter_names": names}  # fmt: skip
         out = self.model(**kwargs)
@@ -289,7 +291,10 @@ class Engine:
         stopped = self._release(seq, final=False)
         if stopped:
             self._finish(seq, "stop")
-        elif len(seq.generated) >= seq.params.max_tokens or len(seq.prompt_ids) + len(seq.generated) >= self.max_model_len:
+        elif (
+            len(seq.generated) >= seq.params.max_tokens
+            or len(seq.prompt_ids) + len(seq.generated) >= self.max_model_len
+        ):
             self._release(seq, final=True)
             self._finish(seq, "length")
         else:

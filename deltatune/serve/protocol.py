@@ -54,13 +54,17 @@ def parse_common(body: dict[str, Any], extra_fields: set[str], *, max_n: int) ->
     allowed = _SAMPLING | extra_fields | _IGNORED | set(_DEFAULT_ONLY)
     for key in body:
         if key not in allowed:
-            raise APIError(400, f"unknown field {key!r}; this server accepts {sorted(_SAMPLING | extra_fields)}", param=key)
+            raise APIError(
+                400, f"unknown field {key!r}; this server accepts {sorted(_SAMPLING | extra_fields)}", param=key
+            )
     for key, defaults in _DEFAULT_ONLY.items():
         if key in body and body[key] not in defaults:
             raise APIError(400, f"{key}={body[key]!r} is not supported by this server; leave it out", param=key)
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise APIError(400, "field 'model' is required: the base model's id or an adapter name (GET /v1/models)", param="model")
+        raise APIError(
+            400, "field 'model' is required: the base model's id or an adapter name (GET /v1/models)", param="model"
+        )
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:

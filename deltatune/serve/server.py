@@ -81,7 +81,9 @@ def run(ns: Any) -> int:
 
         from deltatune.serve.app import create_app
     except ImportError as err:
-        raise ConfigError(f"deltatune serve needs the 'serve' extra ({err.name} is missing): pip install 'deltatune[serve]'") from None
+        raise ConfigError(
+            f"deltatune serve needs the 'serve' extra ({err.name} is missing): pip install 'deltatune[serve]'"
+        ) from None
 
     api_key = ns.api_key or os.environ.get("DELTATUNE_API_KEY") or None
     check_bind(ns.host, api_key)

@@ -44,7 +44,9 @@ def check_config(config: Any) -> int:
     if config.modules_to_save:
         raise ConfigError(f"vLLM does not serve adapters with modules_to_save ({config.modules_to_save}): {fix}")
     if config.rank_pattern or config.alpha_pattern:
-        raise ConfigError(f"vLLM applies one rank and alpha to every module; this adapter has per-module patterns: {fix}")
+        raise ConfigError(
+            f"vLLM applies one rank and alpha to every module; this adapter has per-module patterns: {fix}"
+        )
     init = config.init_lora_weights
     if isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_")):
         raise ConfigError(f"init_lora_weights={init!r} changed the base weights, which vLLM would not know: {fix}")
@@ -112,7 +114,9 @@ def export_for_vllm(ns: Any, load: Any) -> int:
     line = command(str(source), out.name, out, rank)
     try:
         model.save_pretrained(tmp)
-        (tmp / "vllm-serve.sh").write_text(f"#!/bin/sh\n# serve this adapter with vLLM (targets: {', '.join(leaves)})\n{line}\n")
+        (tmp / "vllm-serve.sh").write_text(
+            f"#!/bin/sh\n# serve this adapter with vLLM (targets: {', '.join(leaves)})\n{line}\n"
+        )
         mark_written(tmp, "adapter")
         replace_folder(tmp, out)
     finally:

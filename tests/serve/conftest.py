@@ -40,8 +40,12 @@ def adapter_configs():
 
     return {
         "alpha": dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        "beta": dt.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], use_dora=True, init_lora_weights=False),
-        "gamma": dt.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False),
+        "beta": dt.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], use_dora=True, init_lora_weights=False
+        ),
+        "gamma": dt.IA3Config(
+            target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+        ),
     }
 
 
@@ -65,9 +69,9 @@ def assets(tmp_path_factory):
         tuned.save_pretrained(root / name)
         paths[name] = root / name
     torch.manual_seed(7)
-    dt.get_tuned_model(build_model(len(tokenizer)), dt.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")).save_pretrained(
-        root / "prompt"
-    )
+    dt.get_tuned_model(
+        build_model(len(tokenizer)), dt.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")
+    ).save_pretrained(root / "prompt")
     paths["prompt"] = root / "prompt"
     return paths
 

@@ -65,7 +65,9 @@ def test_sixteen_concurrent_requests_over_three_adapters_equal_one_by_one(server
     jobs = [(ADAPTERS[i % 3], QUESTIONS[i % len(QUESTIONS)], 6 + i % 7) for i in range(16)]
     alone = [chat(cli, m, q, max_tokens=n).choices[0].message.content for m, q, n in jobs]
     with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda job: chat(cli, job[0], job[1], max_tokens=job[2]).choices[0].message.content, jobs))
+        together = list(
+            pool.map(lambda job: chat(cli, job[0], job[1], max_tokens=job[2]).choices[0].message.content, jobs)
+        )
     assert together == alone
     assert len(set(alone)) > 3
 

@@ -4,6 +4,7 @@ cancelled streams freeing their slot, adapters loaded and unloaded at run time w
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.request
 
@@ -39,7 +40,7 @@ def test_cancelled_stream_frees_its_slot_and_timeouts_are_504(assets):
     state = make_state(assets, ["alpha"], max_num_seqs=1, request_timeout=3.0)
     cancelled = []
     engine_cancel = state.engine.cancel
-    state.engine.cancel = lambda seqs: (cancelled.extend(seqs), engine_cancel(seqs))
+    state.engine.cancel = lambda seqs: (cancelled.extend(s for s in seqs if s not in cancelled), engine_cancel(seqs))
     with InProcessServer(state) as srv:
         cli = client(srv.base)
         stream = ask(cli, max_tokens=200, stream=True, temperature=1.0, seed=0)
@@ -52,6 +53,18 @@ def test_cancelled_stream_frees_its_slot_and_timeouts_are_504(assets):
         assert len(cancelled[0].generated) < 200
         assert state.engine.load() == {"running": 0, "waiting": 0, "max_num_seqs": 1}
         assert ask(cli).choices[0].finish_reason in ("stop", "length")  # the one slot is free again
+        # a non-streaming client that hangs up is noticed too
+        body = json.dumps({"model": "alpha", "prompt": "add", "max_tokens": 200, "temperature": 1.0, "seed": 1})
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n{body}".encode())  # fmt: skip
+            while not state.engine.load()["running"] and time.time() < end:
+                time.sleep(0.01)
+        end = time.time() + 10
+        while len(cancelled) < 2 and time.time() < end:
+            time.sleep(0.05)
+        assert [s.finish_reason for s in cancelled] == ["cancelled", "cancelled"]
+        assert len(cancelled[1].generated) < 200
         state.limits.request_timeout = 0.0  # every request is now past its deadline
         with pytest.raises(openai.APIStatusError, match="--request-timeout") as err:
             ask(cli)

@@ -26,7 +26,9 @@ def test_lora_adapter_gets_a_folder_and_the_vllm_command(assets, tmp_path, capsy
     assert "vllm serve" in (out / "vllm-serve.sh").read_text()
 
 
-@pytest.mark.parametrize(("name", "why"), [("beta", "DoRA"), ("gamma", "LoRA adapters only"), ("prompt", "LoRA adapters only")])
+@pytest.mark.parametrize(
+    ("name", "why"), [("beta", "DoRA"), ("gamma", "LoRA adapters only"), ("prompt", "LoRA adapters only")]
+)
 def test_what_vllm_cannot_serve_is_refused_before_writing(assets, tmp_path, capsys, name, why):
     out = tmp_path / name
     assert export(assets, name, out) == 4
