@@ -41,6 +41,7 @@ from deltatune.tuners.p_tuning import PTuningConfig
 from deltatune.tuners.part import PartConfig
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig
+from deltatune.tuners.randlora import RandLoraConfig
 from deltatune.tuners.restuning import ResTuningConfig
 from deltatune.tuners.road import RoadConfig
 from deltatune.tuners.shira import ShiraConfig
@@ -74,6 +75,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "QuantizedMergeError",
+    "RandLoraConfig",
     "ResTuningConfig",
     "RoadConfig",
     "ShiraConfig",

@@ -54,6 +54,12 @@ METHODS = {
     "shira-unseeded": ("ShiraConfig", {"r": 1}, {"llama": LLAMA}),
     "vera": ("VeraConfig", {"r": 4, "projection_prng_key": 7}, {"llama": LLAMA}),
     "vera-seed-only": ("VeraConfig", {"r": 6, "save_projection": False}, {"llama": LLAMA}),
+    "randlora": ("RandLoraConfig", {"r": 4, "randlora_alpha": 8}, {"llama": LLAMA}),
+    "randlora-sparse": ("RandLoraConfig", {"r": 6, "randlora_alpha": 6, "sparse": True}, {"llama": LLAMA}),
+    "randlora-seed-only": (
+        "RandLoraConfig", {"r": 5, "randlora_alpha": 5, "very_sparse": True, "save_projection": False},
+        {"llama": LLAMA},
+    ),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

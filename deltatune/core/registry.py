@@ -44,6 +44,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.gralora",
     "deltatune.tuners.shira",
     "deltatune.tuners.vera",
+    "deltatune.tuners.randlora",
 )
 
 
@@ -94,9 +95,10 @@ class TunerSpec:
     slots: Callable[[nn.Module, TunerConfig], tuple[str, list[int]]] | None = None
     """"structural" kind: (path of an nn.ModuleList, indices of its entries after which a new layer is
     inserted); raise ConfigError saying why when the model has no such list."""
-    file_keys: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    """Optional: rename an adapter's tensors (keyed by module path) to the file's keys. A key "base_model.<name>"
-    is a tensor peft keeps once per adapter at model level (VeRA's shared projections); it is written as is."""
+    file_keys: Callable[[dict[str, Any], list[str]], dict[str, Any]] | None = None
+    """Optional: `(tensors, targets) -> tensors` renames an adapter's tensors (keyed by module path) to the file's
+    keys. A key "base_model.<name>" is a tensor peft keeps once per adapter at model level (VeRA's shared
+    projections); it is written as is. Loading copies each file key into the tensor its key names."""
     mergeable: bool = True
     """False when the adapter has no weight-space form (nonlinear or added layers): merge_adapter refuses it."""
     identity_at_init: bool = True

@@ -505,7 +505,7 @@ class TunedModel(nn.Module):
             elif key in extra:
                 out[key] = value
         if adapter.spec.file_keys is not None:  # tensors the tuner files under other keys (model-level ones)
-            out = adapter.spec.file_keys(out)
+            out = adapter.spec.file_keys(out, adapter.targets)
         if name in self.input_modules:  # keys of tensors outside the model, as peft names them
             out.update(self.input_modules[name].file_tensors())
         return out

@@ -28,9 +28,14 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, check_positive_int, check_probability
-
-SHARED = ("vera_A", "vera_B")
+from deltatune.tuners.weight_delta import (
+    CONTRACT_MODELS,
+    DenseDelta,
+    check_positive_int,
+    check_probability,
+    model_level_keys,
+    share_across_layers,
+)
 
 
 @dataclass(kw_only=True)
@@ -95,25 +100,12 @@ def build(config: VeraConfig, info: LayerInfo, module_name: str) -> nn.Module:
 
 def connect(model: nn.Module, config: VeraConfig, adapter_name: str, targets: list[str]):
     """Draw A and B once, sized for the largest target, and give every layer of this adapter the same tensors."""
-    deltas = [model.get_submodule(name).deltas[adapter_name] for name in targets]
+    infos = [model.get_submodule(name).deltas[adapter_name].info for name in targets]
     generator = torch.Generator().manual_seed(config.projection_prng_key)
-    a = kaiming_projection((config.r, max(d.info.in_features for d in deltas)), generator)
-    b = kaiming_projection((max(d.info.out_features for d in deltas), config.r), generator)
-    device = deltas[0].vera_lambda_b.device
-    a, b = a.to(device), b.to(device)
-    for delta in deltas:  # one tensor each, registered in every layer: saved once, loaded into all
-        delta.register_buffer("vera_A", a, persistent=config.save_projection)
-        delta.register_buffer("vera_B", b, persistent=config.save_projection)
+    a = kaiming_projection((config.r, max(i.in_features for i in infos)), generator)  # A first, then B: peft's order
+    b = kaiming_projection((max(i.out_features for i in infos), config.r), generator)
+    share_across_layers(model, adapter_name, targets, {"vera_A": a, "vera_B": b}, persistent=config.save_projection)
     return lambda: None
-
-
-def file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The shared projections go to peft's model-level keys "base_model.vera_A" / "base_model.vera_B"."""
-    out = {}
-    for key, value in tensors.items():
-        leaf = key.rpartition(".")[2]
-        out[f"base_model.{leaf}" if leaf in SHARED else key] = value
-    return out
 
 
 SPEC = TunerSpec(
@@ -124,7 +116,7 @@ SPEC = TunerSpec(
     dispatch=("linear",),
     build=build,
     connect=connect,
-    file_keys=file_keys,
+    file_keys=model_level_keys("vera_A", "vera_B"),
     paper="https://arxiv.org/abs/2310.11454",
     contract_models=CONTRACT_MODELS,
     example_configs=({"r": 4, "d_initial": 0.5}, {"r": 3, "save_projection": False}),

@@ -83,6 +83,38 @@ def fit_per_layer(
     return out
 
 
+def share_across_layers(
+    model: nn.Module, adapter_name: str, targets: list[str], tensors: dict[str, torch.Tensor], *, persistent: bool
+) -> None:
+    """Register the same tensors as buffers of every delta of an adapter (VeRA's and RandLoRA's random
+    projections): one tensor, so it is saved once (see model_level_keys) and a load fills every layer."""
+    deltas = [model.get_submodule(name).deltas[adapter_name] for name in targets]
+    device = next(deltas[0].parameters()).device
+    for name, tensor in tensors.items():
+        shared = tensor.to(device)
+        for delta in deltas:
+            delta.register_buffer(name, shared, persistent=persistent)
+
+
+def model_level_keys(*names: str, per_layer: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
+    """A TunerSpec.file_keys: a shared tensor with one of these leaf names is filed at peft's model level,
+    "base_model.<name>", and, with `per_layer` (peft's RandLoRA writes both), under every target as well."""
+
+    def rename(tensors: dict[str, torch.Tensor], targets: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in tensors.items():
+            leaf = key.rpartition(".")[2]
+            if leaf not in names:
+                out[key] = value
+                continue
+            out[f"base_model.{leaf}"] = value
+            # copies (a file holds no shared memory); loading fills the real tensor through the model-level key
+            out.update({f"{target}.{leaf}": value.detach().clone() for target in targets} if per_layer else {})
+        return out
+
+    return rename
+
+
 def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
