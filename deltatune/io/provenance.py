@@ -25,8 +25,9 @@ from torch import nn
 
 PROBE_VALUES = 16
 """Values sampled (evenly spaced) from each fingerprinted tensor."""
-_CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "n_embd", "n_layer", "d_model")  # fmt: skip
+# (no layer count: structural tuners such as LLaMA-Pro add layers to the model they save from)
+_CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "n_embd", "d_model")  # fmt: skip
 SIDECAR_KEYS = ("base_fingerprint", "chat_template_sha256", "sha256")
 
 
