@@ -17,6 +17,7 @@ TASKS: dict[str, str] = {
     "seq2seq": "deltatune.tasks.seq2seq:Seq2SeqTask",
     "image-classification": "deltatune.tasks.image_classification:ImageClassificationTask",
     "text-to-image": "deltatune.tasks.text_to_image:TextToImageTask",
+    "image-to-text": "deltatune.tasks.image_to_text:ImageToTextTask",
 }
 
 

@@ -148,3 +148,12 @@ def save_tiny_t5(folder: str, texts: list[str], seed: int = 0, d_model: int = 32
     T5ForConditionalGeneration(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+def save_tiny_llava(folder: str, seed: int = 0) -> str:
+    """tiny_llava + tiny_word_tokenizer saved as one transformers folder (`--task image-to-text` demos)."""
+    tokenizer = tiny_word_tokenizer()
+    model = tiny_llava(len(tokenizer), seed=seed, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune.tasks.tiny import save_tiny_t5
+from deltatune.tasks.tiny import save_tiny_llava, save_tiny_t5
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 
@@ -117,6 +117,7 @@ def build_all(root: Path) -> dict[str, tuple[str, str]]:
     """task -> (model, dataset) for tiny runs."""
     llama, chat = make_assets(root)
     bert = tiny_bert(root / "tiny-bert")
+    captions = caption_images(root / "captions", 40)
     texts = [m["content"] for r in synthetic_rows(200) for m in r["messages"]]
     text = root / "notes.txt"
     paragraphs = [" ".join(m["content"] for m in r["messages"]) for r in synthetic_rows(120, seed=1)]
@@ -128,5 +129,6 @@ def build_all(root: Path) -> dict[str, tuple[str, str]]:
         "token-classification": (str(bert), str(_jsonl(root / "ner.jsonl", ner_rows(64)))),
         "image-classification": (str(tiny_vit(root / "tiny-vit")), "digits#64"),
         "seq2seq": (save_tiny_t5(str(root / "tiny-t5"), texts), str(chat)),
-        "text-to-image": (str(tiny_sd_folder(root / "tiny-sd")), str(caption_images(root / "captions", 40))),
+        "text-to-image": (str(tiny_sd_folder(root / "tiny-sd")), str(captions)),
+        "image-to-text": (save_tiny_llava(str(root / "tiny-llava")), str(captions)),
     }

@@ -26,6 +26,7 @@ TASKS = [
     "image-classification",
     "seq2seq",
     "text-to-image",
+    "image-to-text",
 ]
 LORA = {"r": 4, "lora_alpha": 8}
 
