@@ -182,8 +182,10 @@ def run_export(ns) -> int:
             what = "PEFT adapter (load with deltatune or peft)"
         if getattr(ns, "push_to_hub", None):
             write_card(ns, tmp)  # README.md model card, uploaded with the files
-        if ns.merge:  # an adapter folder is recognized by its files; a merged model needs the marker
-            mark_written(tmp, "merged model")
+        if ns.merge or to != "hf" or getattr(ns, "push_to_hub", None):
+            # an adapter folder is recognized by its files; a merged model, a GGUF export or a folder
+            # with a model card needs the marker for a later --overwrite
+            mark_written(tmp, "merged model" if ns.merge else to if to != "hf" else "adapter with model card")
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

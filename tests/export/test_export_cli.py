@@ -60,6 +60,25 @@ def test_gguf_with_ollama_and_card_dry_run(run, tmp_path, capsys):
         assert (merged(ids).logits - loaded(ids).logits).abs().max() < 5e-3
 
 
+def test_gguf_folder_can_be_overwritten(run, tmp_path):
+    model_dir, out = run
+    argv = [
+        "export",
+        "--model",
+        str(model_dir),
+        "--adapter",
+        str(out / "adapter"),
+        "--output-dir",
+        str(tmp_path / "g"),
+        "--to",
+        "gguf",
+    ]
+    assert main(argv) == 0
+    assert main([*argv, "--gguf-type", "f32"]) == 7  # not empty: needs --overwrite
+    assert main([*argv, "--gguf-type", "f32", "--overwrite"]) == 0  # a folder deltatune wrote may be replaced
+    assert (tmp_path / "g" / "model-f32.gguf").is_file() and not (tmp_path / "g" / "model-f16.gguf").exists()
+
+
 def test_gguf_lora_with_ollama(run, tmp_path):
     model_dir, out = run
     dest = tmp_path / "lora"
