@@ -90,10 +90,11 @@ def prepare_output_dir(folder: Path, *, resume: bool, overwrite: bool) -> None:
     """
     if folder.exists() and not folder.is_dir():
         raise OutputDirError(f"--output-dir {folder} is a file; give a folder")
-    if resume and is_empty(folder):
+    if resume and (is_empty(folder) or not {p.name for p in folder.iterdir()} & set(RUN_MARKERS)):
         from deltatune.train.errors import ResumeError
 
-        raise ResumeError(f"--resume: {folder} holds no run to resume; drop --resume to start a new run there")
+        what = "is empty" if is_empty(folder) else "is not a deltatune run (no run.json)"
+        raise ResumeError(f"--resume: {folder} {what}, so there is no run to resume; drop --resume to start a new run")
     if resume:
         remove_stale_outputs(folder)
     if is_empty(folder) or resume:

@@ -85,7 +85,13 @@ def test_a_longer_run_is_documented_and_needs_no_flag(tiny_assets, run, capsys):
 
 def test_resume_with_nothing_to_resume(tiny_assets, tmp_path, capsys):
     assert sft(*tiny_assets, tmp_path / "empty", "--resume", None) == 8
-    assert "holds no run to resume" in capsys.readouterr().err
+    assert "is empty, so there is no run to resume" in capsys.readouterr().err
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert sft(*tiny_assets, other, "--resume", None) == 8
+    assert "is not a deltatune run" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine"  # nothing of the user's is touched
     # a run that died before its first checkpoint: says so and starts over
     out = tmp_path / "early"
     out.mkdir()
