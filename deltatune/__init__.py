@@ -46,6 +46,7 @@ from deltatune.tuners.restuning import ResTuningConfig
 from deltatune.tuners.road import RoadConfig
 from deltatune.tuners.shira import ShiraConfig
 from deltatune.tuners.side_tuning import SideTuningConfig
+from deltatune.tuners.vblora import VBLoRAConfig
 from deltatune.tuners.vera import VeraConfig
 
 __all__ = [
@@ -95,5 +96,6 @@ __all__ = [
     "prepare_for_kbit_training",
     "prepare_model_for_kbit_training",
     "register",
+    "VBLoRAConfig",
     "VeraConfig",
 ]

@@ -60,6 +60,7 @@ METHODS = {
         "RandLoraConfig", {"r": 5, "randlora_alpha": 5, "very_sparse": True, "save_projection": False},
         {"llama": LLAMA},
     ),
+    "vblora": ("VBLoRAConfig", {"r": 2, "num_vectors": 16, "vector_length": 4, "topk": 2}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

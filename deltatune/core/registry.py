@@ -45,6 +45,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.shira",
     "deltatune.tuners.vera",
     "deltatune.tuners.randlora",
+    "deltatune.tuners.vblora",
 )
 
 

@@ -16,7 +16,6 @@ File layout is peft's: "<module>.road_theta" and "<module>.road_alpha".
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
 from deltatune.core.wrapper import BaseCall
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, check_positive_int
+from deltatune.tuners.weight_delta import CONTRACT_MODELS, check_positive_int, common_divisor
 
 _SIZE = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 
@@ -119,10 +118,7 @@ def build(config: RoadConfig, info: LayerInfo, module_name: str) -> nn.Module:
 
 def prepare(model: nn.Module, config: RoadConfig, targets: list[str]) -> RoadConfig:
     """A group size that does not divide every target's output is lowered to their common divisor, with a warning."""
-    from deltatune.backends import describe
-
-    modules = [model.get_submodule(name) for name in targets]
-    group = math.gcd(config.group_size, *(describe(getattr(m, "base_layer", m)).out_features for m in modules))
+    group = common_divisor(model, targets, config.group_size, lambda info: (info.out_features,))
     if group == config.group_size or group % 2:
         return config  # unchanged, or no even common divisor: build() names the layer
     warnings.warn(f"RoAd group_size={config.group_size} does not divide every target; using {group}", stacklevel=2)

@@ -83,6 +83,19 @@ def fit_per_layer(
     return out
 
 
+def common_divisor(
+    model: nn.Module, targets: list[str], value: int, sizes: Callable[[LayerInfo], tuple[int, ...]]
+) -> int:
+    """The largest divisor of `value` that divides `sizes(info)` of every target (for a field peft applies to all
+    layers alike, such as a group or vector length)."""
+    from deltatune.backends import describe
+
+    for name in targets:
+        module = model.get_submodule(name)
+        value = math.gcd(value, *sizes(describe(getattr(module, "base_layer", module))))
+    return value
+
+
 def share_across_layers(
     model: nn.Module, adapter_name: str, targets: list[str], tensors: dict[str, torch.Tensor], *, persistent: bool
 ) -> None:
