@@ -48,6 +48,7 @@ from deltatune.tuners.shira import ShiraConfig
 from deltatune.tuners.side_tuning import SideTuningConfig
 from deltatune.tuners.vblora import VBLoRAConfig
 from deltatune.tuners.vera import VeraConfig
+from deltatune.tuners.waveft import WaveFTConfig
 
 __all__ = [
     "AdapterFileError",
@@ -98,4 +99,5 @@ __all__ = [
     "register",
     "VBLoRAConfig",
     "VeraConfig",
+    "WaveFTConfig",
 ]

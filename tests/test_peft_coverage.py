@@ -16,7 +16,6 @@ LORA_FAMILY = "belongs to the LoRA-family work (AdaLoRA, trainable tokens), not 
 NOT_IMPLEMENTED = {
     "ADALORA": LORA_FAMILY,
     "TRAINABLE_TOKENS": LORA_FAMILY,
-    "WAVEFT": TODO,
     "XLORA": TODO,
     "POLY": TODO,
     "MULTITASK_PROMPT_TUNING": TODO,

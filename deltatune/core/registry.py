@@ -46,6 +46,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.vera",
     "deltatune.tuners.randlora",
     "deltatune.tuners.vblora",
+    "deltatune.tuners.waveft",
 )
 
 

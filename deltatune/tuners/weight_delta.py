@@ -66,17 +66,22 @@ def dotted_pattern_value(patterns: dict[str, Any], module_name: str, default: An
 
 
 def fit_per_layer(
-    model: nn.Module, targets: list[str], patterns: dict[str, Any], default: Any, fit: Callable[[Any, LayerInfo], Any]
+    model: nn.Module,
+    targets: list[str],
+    patterns: dict[str, Any],
+    default: Any,
+    fit: Callable[[Any, LayerInfo], Any],
+    lookup: Callable[[dict[str, Any], str, Any], Any] = dotted_pattern_value,
 ) -> dict[str, Any]:
-    """`patterns` plus an entry for each target whose value (by dotted_pattern_value) `fit` changes, keyed so that
-    peft's rule selects it (peft needs a '.' before the key, so top-level modules keep their value)."""
+    """`patterns` plus an entry for each target whose value (by `lookup`, the tuner's peft rule) `fit` changes,
+    keyed so that both of peft's rules select it (one needs a '.' before the key, so top-level modules keep theirs)."""
     from deltatune.backends import describe
 
     out = dict(patterns)
     for name in targets:
         module = model.get_submodule(name)
         info = describe(getattr(module, "base_layer", module))  # a layer another adapter already wraps
-        value = dotted_pattern_value(out, name, default)
+        value = lookup(out, name, default)
         fitted = fit(value, info)
         if "." in name and fitted != value:
             out[re.escape(name.split(".", 1)[1])] = fitted
