@@ -130,6 +130,10 @@ def run_infer(ns) -> int:
 
 # -- eval -------------------------------------------------------------------------------------------
 def run_eval(ns) -> int:
+    if getattr(ns, "task", "causal-lm") != "causal-lm":
+        from deltatune.tasks.evaluation import run_task_eval
+
+        return run_task_eval(ns)
     from deltatune.data import encode_rows, pad_token_id
     from deltatune.train.evaluate import evaluate_loss, generate_answers, mean_rouge_l
 

@@ -87,7 +87,7 @@ def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-_COMPUTING = ("sft", "infer", "eval", "export", "serve")  # commands that run the model: --threads, and the policy line
+_COMPUTING = ("sft", "rlhf", "infer", "eval", "export", "serve")  # commands that run the model: --threads, and the policy line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, name, options in _SFT_FLAGS:
         sft.add_argument(flag, dest=name, help=docs.get(name), **options)
     _add_threads_flag(sft)
+    _add_rlhf_parser(sub, docs)  # `deltatune rlhf --method dpo|...`: sft's flags + the method's own
 
     infer = sub.add_parser("infer", help="answer prompts with a model (+ adapter)")
     _add_common_model_flags(infer)
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="held-out loss, perplexity and ROUGE-L")
     _add_common_model_flags(evaluate)
     evaluate.add_argument("--dataset", required=True, help="dataset spec")
+    evaluate.add_argument(
+        "--task", default="causal-lm", choices=list(TASK_NAMES), help="whose metrics (as `sft --task`)"
+    )
     evaluate.add_argument("--max-length", type=int, default=96)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--generate", type=int, default=32, help="rows answered for ROUGE-L (0: loss only)")
@@ -162,6 +166,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RLHF_METHODS = ("dpo", "ipo", "orpo", "simpo", "cpo", "kto")
+"""`deltatune rlhf --method` values (each a task in deltatune/tasks/registry.py)."""
+
+
+def _add_rlhf_parser(sub, docs: dict) -> None:
+    rlhf = sub.add_parser(
+        "rlhf", help="preference training (DPO, IPO, ORPO, SimPO, CPO, KTO) with an adapter",
+        argument_default=argparse.SUPPRESS,
+        description="Preference training on the same engine as sft (exact resume, checkpoints, logs). With only "
+        "--method dpo: SmolLM2-135M-Instruct + LoRA on the offline chatterbot-pref-en pairs.",
+    )  # fmt: skip
+    rlhf.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    rlhf.add_argument("--config", metavar="FILE.yaml", help="YAML with the same keys as the flags; flags override it")
+    rlhf.add_argument("--method", dest="task", choices=list(RLHF_METHODS), default="dpo", help="training method")
+    steps = rlhf.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, help=docs.get("max_steps"))
+    steps.add_argument("--num-epochs", type=float, help=docs.get("num_epochs"))
+    for flag, name, options in _SFT_FLAGS:
+        if name not in ("task", "packing"):
+            rlhf.add_argument(flag, dest=name, help=docs.get(name), **options)
+    rlhf.add_argument("--beta", dest="beta", type=float, help=docs.get("beta"))
+    rlhf.add_argument("--loss-type", dest="loss_type", help=docs.get("loss_type"))
+    rlhf.add_argument("--ref-adapter", dest="ref_adapter", metavar="FOLDER", help=docs.get("ref_adapter"))
+    rlhf.add_argument("--method-args", dest="method_args", metavar="KEY=VALUE,...", help=docs.get("method_args"))
+    _add_threads_flag(rlhf)
+
+
+def rlhf_args(ns: argparse.Namespace) -> TrainArgs:
+    """TrainArgs of `deltatune rlhf`: sft's rules, the method's demo data set and learning rate by default."""
+    from deltatune.cli.parsing import parse_tuner_args
+
+    given = vars(ns)
+    if "method_args" in given:
+        given["method_args"] = parse_tuner_args(given["method_args"])
+    args = sft_args(ns)
+    explicit = set(given) | set(_config_keys(ns))
+    if "dataset" not in explicit:
+        args.dataset = "chatterbot-kto-en" if args.task == "kto" else "chatterbot-pref-en"
+    if "lr" not in explicit:
+        args.lr = 5e-4
+    return args
+
+
+def _config_keys(ns: argparse.Namespace) -> list[str]:
+    if not getattr(ns, "config", None):
+        return []
+    from deltatune.cli.parsing import read_config_file
+
+    return [str(k).replace("-", "_") for k in read_config_file(ns.config)]
+
+
 def sft_args(ns: argparse.Namespace) -> TrainArgs:
     """TrainArgs from defaults <- --config file <- flags (flags win)."""
     from deltatune.cli.parsing import parse_tuner_args, read_config_file
@@ -196,13 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from deltatune.cli import commands
 
-        handler = getattr(commands, f"run_{ns.command}")
+        handler = getattr(commands, f"run_{'sft' if ns.command == 'rlhf' else ns.command}")
         if ns.command in _COMPUTING:
             from deltatune.runtime import apply_thread_policy
 
             apply_thread_policy(vars(ns).pop("threads", None))
         if ns.command == "sft":
             return handler(sft_args(ns)) or OK
+        if ns.command == "rlhf":
+            return handler(rlhf_args(ns)) or OK
         import torch
 
         with torch.no_grad():  # inference-only commands; scoped, so in-process callers keep grad mode

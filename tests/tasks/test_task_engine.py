@@ -146,3 +146,20 @@ def test_text_to_image_writes_sample_pngs_and_a_diffusers_lora(assets, tmp_path)
     assert result.samples[0]["before"].endswith("before-0.png")
     lora = load_file(str(out / "diffusers_lora" / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("unet.") and ".lora_" in k for k in lora)
+
+
+def test_eval_command_reports_the_task_metrics_of_a_run(assets, tmp_path):
+    from deltatune.cli.main import main
+
+    out = tmp_path / "run"
+    train(_args("sequence-classification", assets, out, max_steps=30, lr=3e-2), log=lambda *_: None)
+    model, dataset = assets["sequence-classification"]
+    scores = {}
+    for name, extra in (("base", []), ("tuned", ["--adapter", str(out / "adapter")])):
+        report = tmp_path / f"{name}.json"
+        argv = ["eval", "--task", "sequence-classification", "--model", model, "--dataset", dataset,
+                "--max-length", "32", "--output", str(report), *extra]  # fmt: skip
+        assert main(argv) == 0
+        scores[name] = json.loads(report.read_text())
+    assert scores["tuned"]["rows"] == scores["base"]["rows"] == 64  # every row evaluated
+    assert scores["tuned"]["accuracy"] > scores["base"]["accuracy"] + 0.2
