@@ -236,3 +236,13 @@ def test_fingerprint_sampling_stays_in_bounds_for_large_embeddings():
     big = torch.zeros(49152 * 576, dtype=torch.int8)
     big[-1] = 7
     assert _sample(big)[-1] == 7.0
+
+
+def test_the_demo_reports_its_own_timings(capsys):
+    from deltatune import demo
+
+    started = time.process_time()
+    demo.main()
+    text = capsys.readouterr().out
+    assert "identical logits = True" in text and "tour:" in text and "s CPU" in text
+    assert time.process_time() - started < 20  # the tour itself; the README quotes ~7 s with the imports
