@@ -22,8 +22,8 @@ from typing import Any
 from deltatune.assets import AssetError, cache_root, is_available, prepare
 from deltatune.models.catalog import ModelSpec, load_catalog
 from deltatune.models.reach import hub_cache_folder, offline_reason
-from deltatune.suggest import did_you_mean
 from deltatune.models.templates import template_text
+from deltatune.suggest import did_you_mean
 
 
 class ModelError(ValueError):
