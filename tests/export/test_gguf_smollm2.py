@@ -89,3 +89,45 @@ def test_smollm2_round_trip(smollm2, tmp_path, gguf_type):
     assert greedy_got == greedy_want
     modelfile = write_modelfile(tmp_path, report.path.name, tokenizer).read_text()
     assert "named SmolLM" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_smollm2_export_matches_llama_cpp_converter(tmp_path):
+    """The SmolLM2 asset is a GGUF that llama.cpp's own converter wrote; the weights came from it, so
+    exporting the base model again must give the same tensor names, shapes, metadata and (q/k row
+    order included) the same values up to f16 rounding."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from deltatune.assets import SMOLLM2
+    from deltatune.export import write_gguf
+    from deltatune.models import load_model, load_tokenizer, resolve_model
+
+    spec = importlib.util.find_spec(SMOLLM2.package)
+    if spec is None:
+        pytest.skip(f"the original GGUF is not installed: {SMOLLM2.install}")
+    original = gguf.GGUFReader(Path(list(spec.submodule_search_locations)[0]) / SMOLLM2.filename)
+    source, _ = resolve_model("smollm2-135m-instruct", log=lambda *_: None)
+    path = write_gguf(load_model(source), load_tokenizer(source), tmp_path / "base.gguf", gguf_type="f16").path
+    ours = gguf.GGUFReader(path)
+    theirs = {t.name: t for t in original.tensors}
+    mine = {t.name: t for t in ours.tensors}
+    assert {n: tuple(t.shape) for n, t in mine.items()} == {n: tuple(t.shape) for n, t in theirs.items()}
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.7.attn_v.weight", "blk.29.ffn_down.weight"):
+        want = gguf.dequantize(theirs[name].data, theirs[name].tensor_type)
+        got = gguf.dequantize(mine[name].data, mine[name].tensor_type)
+        assert np.abs(want - got).max() <= 4e-3, name  # f16 rounding of values up to ~5
+    descriptive = {"general.name", "general.file_type", "general.quantization_version"}
+    # tokenizer.ggml.pre: the asset's tokenizer came through transformers' GGUF reader, which drops
+    # SmolLM2's digit splitting, so it is written as "gpt-2" (docs/export.md)
+    differ = [
+        key
+        for key in set(original.fields) & set(ours.fields)
+        if not key.startswith("GGUF.")
+        and key not in descriptive
+        and original.fields[key].contents() != ours.fields[key].contents()
+    ]
+    assert differ == ["tokenizer.ggml.pre"]
+    missing = {k for k in set(original.fields) - set(ours.fields) if not k.startswith("general.")}
+    assert missing == set()
