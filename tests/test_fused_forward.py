@@ -203,3 +203,31 @@ def test_other_architectures_give_the_standard_loss(family):
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for ours, theirs in zip(grads, ref_grads):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-4)
+
+
+def test_under_bf16_autocast_the_loss_is_the_standard_one():
+    """The standard head runs in the autocast dtype; the fused path casts to it too (same loss)."""
+    batch = _batch(padded=True)
+    tuned = _tuned("lora")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, out, grads = _loss_and_grads(tuned, lambda m: m(**batch))
+    tuned.fused_loss = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, _, ref_grads = _loss_and_grads(tuned, lambda m: m(**batch))
+    assert out.logits is None
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(grads, ref_grads):  # bf16 products summed in another order: bf16-level agreement
+        assert float((ours - theirs).norm() / theirs.norm()) < 3e-2
+
+
+def test_a_head_in_another_dtype_than_the_hidden_states_runs_the_models_own_tail():
+    batch = _batch(padded=False)
+    tuned = _tuned("lora")
+    tuned.model.lm_head.to(torch.bfloat16)  # fp32 hidden states, bf16 head: the model's own forward fails too
+    errors = []
+    for fused in (True, False):
+        tuned.fused_loss = fused
+        with pytest.raises(RuntimeError) as caught:
+            tuned(**batch)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]

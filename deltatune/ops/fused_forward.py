@@ -98,15 +98,25 @@ def fused_causal_lm_forward(model: nn.Module, kwargs: dict[str, Any]) -> Any:
             "give labels of the same shape as input_ids"
         )
     head = model.get_output_embeddings()
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} - {"loss", "logits"}
+    extra = {name: value for name, value in outputs.items() if name in names}
+    weight, bias = head.weight, head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # the standard head runs in the autocast dtype: so do we
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight, bias = hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    elif hidden.dtype != weight.dtype:  # the rest of the model's own forward, as it would run it
+        logits = head(hidden)
+        loss_kwargs = {k: kwargs[k] for k in _LOSS_KEYS[1:] if k in kwargs}
+        loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
     targets = targets.to(hidden.device)
-    total = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets)
+    total = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets)
     divisor = kwargs.get("num_items_in_batch")
     if divisor is None:
         divisor = (targets != IGNORE_INDEX).sum()
     elif isinstance(divisor, torch.Tensor):
         divisor = divisor.to(total.device)
-    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} - {"loss", "logits"}
-    extra = {name: value for name, value in outputs.items() if name in names}
     return CausalLMOutputWithPast(loss=total / divisor, logits=None, **extra)
 
 
