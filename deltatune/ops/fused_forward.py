@@ -8,8 +8,9 @@ backward instead of (B, T, V) logits and their softmax. `fused_causal_lm_forward
 equivalent computation when it can prove the equivalence from the model's structure, and returns
 None (caller runs the standard forward) when it cannot.
 
-What the caller gets back: a `CausalLMOutputWithPast` with the same `loss` (within float
-tolerance, gradients too) and the backbone's cache / hidden states / attentions, and
+Under autocast the head's matmul runs in the autocast dtype, as the standard forward's does (the
+softmax in fp32 in both). What the caller gets back: a `CausalLMOutputWithPast` with the same
+`loss` (within float tolerance, gradients too) and the backbone's cache / hidden states / attentions, and
 `logits=None`: the logits were never built. Code that needs logits in training turns this off
 (`get_tuned_model(..., fused_loss=False)` or `tuned.fused_loss = False`), or calls without labels.
 """
