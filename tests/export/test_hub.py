@@ -250,3 +250,25 @@ def test_modelscope_dataset_spec(ms, monkeypatch):
     assert len(load_rows("ms://owner/chat")[0]) == 6  # from the cache, no request
     with pytest.raises(DataError, match="not in the ModelScope cache"):
         load_rows("ms://owner/never")
+
+
+def test_hub_refusal_is_one_line(home, adapter_dir, monkeypatch):
+    refuse = [
+        (
+            "POST",
+            "/api/repos/create",
+            "",
+            lambda hub, req: hub_servers._json({"error": "Invalid credentials in Authorization header"}, 401),
+        )
+    ]
+    server = hub_servers.start("huggingface", routes=refuse)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    try:
+        with pytest.raises(HubError) as info:
+            push_folder(adapter_dir, "me/denied")
+    finally:
+        server.stop()
+    message = str(info.value)
+    assert message.startswith("upload to Hugging Face repo me/denied failed: ") and "\n" not in message
+    assert "401" in message and HF_TOKEN not in message
