@@ -44,7 +44,7 @@ def add_export_flags(parser: argparse.ArgumentParser) -> None:
 def check_flags(ns: argparse.Namespace) -> None:
     """Flag combinations that cannot work, refused before any model loads."""
     to = getattr(ns, "to", "hf")
-    if to != "hf" and getattr(ns, "merge", False) and to == "gguf-lora":
+    if to == "gguf-lora" and getattr(ns, "merge", False):
         raise ExportError("--to gguf-lora writes the adapter alone; drop --merge (or use --to gguf for a merged GGUF)")
     if getattr(ns, "ollama", False) and to == "hf":
         raise ExportError("--ollama needs a GGUF: add --to gguf (or --to gguf-lora)")

@@ -52,6 +52,7 @@ def write_gguf(
 
     gguf_arch.require_gguf()
     gguf_arch.check_gguf_type(gguf_type)
+    need_merged(model)
     config = model.config
     arch = gguf_arch.arch_for(config)
     out = Path(path)
@@ -134,6 +135,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def need_merged(model: Any) -> None:
+    """Refuse a TunedModel: its adapter layers have no llama.cpp names (merge first, or --to gguf-lora)."""
     from deltatune.core.tuned_model import TunedModel
 
     if isinstance(model, TunedModel):

@@ -177,3 +177,10 @@ def test_llama_cpp_greedy_tokens_match(tmp_path):
         if len(got) == 8:
             break
     assert got == want
+
+
+def test_unmerged_model_is_refused(tmp_path):
+    tokenizer = byte_level_tokenizer()
+    tuned = dt.get_tuned_model(tiny_model("llama", len(tokenizer)), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ExportError, match="merge_and_unload"):
+        write_gguf(tuned, tokenizer, tmp_path / "m.gguf")
