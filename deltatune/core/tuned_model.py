@@ -648,7 +648,7 @@ class TunedModel(nn.Module):
         folder's adapter_config.json, `subfolder` reads model_id/subfolder, `key_mapping` renames file
         keys by regex, `torch_device` is where the file's tensors are staged, `autocast_adapter_dtype`
         as in add_adapter; `low_cpu_mem_usage` is accepted (same result). ephemeral_gpu_offload is refused."""
-        from deltatune.io.peft_format import read_config, read_provenance, read_tensors
+        from deltatune.io.peft_format import read_config, read_provenance, read_tensors, verify_weights
 
         method = "TunedModel.load_adapter"
         model_id = peft_api.split_subfolder(model_id, kwargs)
@@ -672,6 +672,7 @@ class TunedModel(nn.Module):
         )  # fmt: skip
         try:
             self.load_adapter_state_dict(adapter_name, tensors, source=str(model_id))
+            verify_weights(model_id)  # after the specific checks, which name a key when one fails
         except BaseException:
             self.delete_adapter(adapter_name)
             raise

@@ -167,13 +167,6 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "in an environment you trust, to safetensors."
             )
         raise AdapterFileError(f"{weights} is missing.{hint}")
-    expected = (read_provenance(path).get("sha256") or {}).get(WEIGHTS_NAME)
-    if isinstance(expected, str) and _sha256(weights) != expected:
-        raise AdapterFileError(
-            f"{weights} does not match the sha256 recorded in {SIDECAR_NAME} (corrupted: a changed or flipped "
-            f"byte); restore the file from a good copy. If another tool rewrote the weights on purpose, delete "
-            f"{SIDECAR_NAME}"
-        )
     try:
         raw = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -190,6 +183,25 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise AdapterFileError(f"{weights}: tensor {key!r} holds NaN or infinite values")
         tensors[key if bare else key[len(KEY_PREFIX) :]] = value
     return tensors
+
+
+def verify_weights(directory: str | os.PathLike) -> None:
+    """Check the weights file against the sha256 the sidecar recorded (no-op when none is recorded).
+
+    Called once the tensors passed every specific check (readable, finite, the right keys and shapes),
+    so those name the problem first; this catches what they cannot, such as a flipped bit.
+
+    Raises:
+        AdapterFileError: the file's sha256 differs from the recorded one.
+    """
+    path = Path(directory)
+    expected = (read_provenance(path).get("sha256") or {}).get(WEIGHTS_NAME)
+    if isinstance(expected, str) and _sha256(path / WEIGHTS_NAME) != expected:
+        raise AdapterFileError(
+            f"{path / WEIGHTS_NAME} does not match the sha256 recorded in {SIDECAR_NAME} (corrupted: a changed or "
+            f"flipped byte); restore the file from a good copy. If another tool rewrote the weights on purpose, "
+            f"delete {SIDECAR_NAME}"
+        )
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[TunerConfig, dict[str, torch.Tensor]]:
