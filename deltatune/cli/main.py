@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from deltatune.cli.errors import INTERNAL, OK, describe, exit_code
 from deltatune.core.config import field_docs
-from deltatune.export.cli import add_export_flags
+from deltatune.export.cli import add_download_hub_flag, add_export_flags
 from deltatune.suggest import SuggestingParser
 from deltatune.tasks.registry import task_names
 from deltatune.train.args import TrainArgs
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="answer prompts with a model (+ adapter)")
     _add_common_model_flags(infer)
+    add_download_hub_flag(infer)  # --hub modelscope
     source = infer.add_mutually_exclusive_group()  # neither: chat from stdin (deltatune/cli/chat.py)
     source.add_argument("--prompt", help="one user message (the answer streams); without --prompt/--dataset: chat")
     source.add_argument("--dataset", help="dataset spec: answer the user turn of each row")
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="held-out loss, perplexity and ROUGE-L")
     _add_common_model_flags(evaluate)
+    add_download_hub_flag(evaluate)  # --hub modelscope
     evaluate.add_argument("--dataset", required=True, help="dataset spec")
     evaluate.add_argument(
         "--task", default="causal-lm", choices=list(TASK_NAMES), help="whose metrics (as `sft --task`)"

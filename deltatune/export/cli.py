@@ -41,6 +41,14 @@ def add_export_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_download_hub_flag(parser: argparse.ArgumentParser) -> None:
+    """`--hub` for commands that only download (infer, eval)."""
+    parser.add_argument(
+        "--hub", choices=HUBS, default=None,
+        help="huggingface (default) or modelscope: where a hub --model is downloaded from (like DELTATUNE_HUB=ms)",
+    )  # fmt: skip
+
+
 def check_flags(ns: argparse.Namespace) -> None:
     """Flag combinations that cannot work, refused before any model loads."""
     to = getattr(ns, "to", "hf")

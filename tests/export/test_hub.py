@@ -272,3 +272,25 @@ def test_hub_refusal_is_one_line(home, adapter_dir, monkeypatch):
     message = str(info.value)
     assert message.startswith("upload to Hugging Face repo me/denied failed: ") and "\n" not in message
     assert "401" in message and HF_TOKEN not in message
+
+
+def test_infer_hub_modelscope_flag(ms, ms_model, capsys):
+    from deltatune.cli.main import main
+
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                "owner/tiny",
+                "--hub",
+                "modelscope",
+                "--prompt",
+                "add one and two",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert any(r.path == "/api/v1/models/owner/tiny/repo/files" for r in ms.requests)
