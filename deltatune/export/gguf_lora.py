@@ -90,6 +90,8 @@ def write_lora_gguf(
     arch = gguf_arch.arch_for(config)
     factors = lora_factors(tuned, adapter_name)
     alpha = float(tuned.adapters[adapter_name or tuned.active_adapters[0]].config.lora_alpha)
+    if alpha <= 0:  # llama.cpp reads alpha 0 as "no scaling"; our scale would not survive the fold
+        raise ExportError(f"lora_alpha is {alpha}; a llama.cpp LoRA file needs lora_alpha > 0 (use --to gguf)")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
