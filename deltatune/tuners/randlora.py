@@ -151,5 +151,5 @@ SPEC = TunerSpec(
     file_keys=model_level_keys("randlora_A", "randlora_B", per_layer=True),
     paper="https://arxiv.org/abs/2502.00987",
     contract_models=CONTRACT_MODELS,
-    example_configs=({"r": 4, "randlora_alpha": 8}, {"r": 6, "randlora_alpha": 6, "sparse": True}),
+    example_configs=({"r": 4, "randlora_alpha": 8},),  # sparse bases: interop tests
 )
