@@ -60,6 +60,18 @@ def test_greedy_answers_equal_infer_for_each_adapter(server, assets):
     assert len({tuple(a) for a in answers.values()}) == 4, "adapters answer like the base (vacuous check)"
 
 
+def test_greedy_answer_equals_the_deltatune_infer_command(server, assets, capsys):
+    from deltatune.cli.main import main
+
+    served = chat(client(server), "beta", QUESTIONS[3]).choices[0].message.content
+    capsys.readouterr()
+    argv = ["infer", "--model", str(assets["model"]), "--adapter", str(assets["beta"]), "--prompt", QUESTIONS[3],
+            "--max-new-tokens", "12", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    answer = capsys.readouterr().out.strip().splitlines()[-1]  # after the thread-policy line, the streamed answer
+    assert answer == served.strip() != ""
+
+
 def test_sixteen_concurrent_requests_over_three_adapters_equal_one_by_one(server):
     cli = client(server)
     jobs = [(ADAPTERS[i % 3], QUESTIONS[i % len(QUESTIONS)], 6 + i % 7) for i in range(16)]

@@ -37,7 +37,7 @@ def test_api_key_and_body_limit(assets):
 
 
 def test_cancelled_stream_frees_its_slot_and_timeouts_are_504(assets):
-    state = make_state(assets, ["alpha"], max_num_seqs=1, request_timeout=3.0)
+    state = make_state(assets, ["alpha"], max_num_seqs=1, request_timeout=60.0)
     cancelled = []
     engine_cancel = state.engine.cancel
     state.engine.cancel = lambda seqs: (cancelled.extend(s for s in seqs if s not in cancelled), engine_cancel(seqs))
@@ -55,11 +55,13 @@ def test_cancelled_stream_frees_its_slot_and_timeouts_are_504(assets):
         assert ask(cli).choices[0].finish_reason in ("stop", "length")  # the one slot is free again
         # a non-streaming client that hangs up is noticed too
         body = json.dumps({"model": "alpha", "prompt": "add", "max_tokens": 200, "temperature": 1.0, "seed": 1})
+        end = time.time() + 10
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
             sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(body)}\r\n\r\n{body}".encode())  # fmt: skip
             while not state.engine.load()["running"] and time.time() < end:
                 time.sleep(0.01)
+            assert state.engine.load()["running"] == 1
         end = time.time() + 10
         while len(cancelled) < 2 and time.time() < end:
             time.sleep(0.05)
