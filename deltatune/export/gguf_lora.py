@@ -103,6 +103,11 @@ def write_lora_gguf(
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for path_, (a, b, scale) in factors.items():
             base_name = gguf_arch.tensor_name(arch, int(config.num_hidden_layers), path_ + ".weight")
+            if base_name == "output.weight" and getattr(config, "tie_word_embeddings", False):
+                raise ExportError(
+                    f"{path_!r} is tied to the input embeddings, and a GGUF of this base has no output.weight "
+                    "for a LoRA to attach to; use --to gguf"
+                )
             if base_name is None:
                 raise ExportError(f"{path_!r} has no llama.cpp tensor name for architecture {arch.gguf_arch!r}")
             rank = a.shape[0]
