@@ -153,8 +153,11 @@ def _checked(folder: Path, repo_id: str) -> Path:
     from deltatune.models.registry import ModelError
 
     if not (folder / "config.json").is_file():
+        raise ModelError(f"ModelScope repo {repo_id!r} has no config.json; it is not a transformers model")
+    if not any(folder.rglob("*.safetensors")):
         raise ModelError(
-            f"ModelScope repo {repo_id!r} has no config.json (or only pickled weights); it is not a transformers model"
+            f"ModelScope repo {repo_id!r} has no safetensors weights (only pickled .bin/.pt files, which deltatune "
+            "never loads); convert them to safetensors in an environment you trust, or pick another repository"
         )
     return folder
 

@@ -294,3 +294,11 @@ def test_infer_hub_modelscope_flag(ms, ms_model, capsys):
         == 0
     )
     assert any(r.path == "/api/v1/models/owner/tiny/repo/files" for r in ms.requests)
+
+
+def test_modelscope_pickle_only_repo_is_refused(ms, ms_model):
+    files = {k: v for k, v in ms.repos["owner/tiny"]["files"].items() if not k.endswith(".safetensors")}
+    ms.repos["owner/pickled"] = {"private": False, "files": files}
+    with pytest.raises(ModelError, match="no safetensors weights"):
+        resolve_model("ms://owner/pickled", log=lambda *_: None)
+    assert not any(r.query.get("FilePath") == ["pytorch_model.bin"] for r in ms.requests)
