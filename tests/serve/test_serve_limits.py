@@ -134,3 +134,15 @@ def test_public_interfaces_need_an_api_key():
     assert parse_adapter_flags(["a=/x/y", "/p/q/"]) == {"a": "/x/y", "q": "/p/q/"}
     with pytest.raises(ConfigError):
         parse_adapter_flags(["../a=/x"])
+
+
+def test_serve_command_refuses_before_loading(assets, capsys):
+    from deltatune.cli.main import main
+
+    model = str(assets["model"])
+    assert main(["serve", "--model", model, "--host", "0.0.0.0", "--port", "1"]) == 4
+    assert "give an --api-key" in capsys.readouterr().err
+    assert main(["serve", "--model", model, "--adapter", f"soft={assets['prompt']}", "--port", "1"]) == 4
+    assert "prompt_tuning adapter" in capsys.readouterr().err
+    assert main(["serve", "--model", model, "--adapter", "a=/nowhere", "--port", "1"]) == 4
+    assert "does not exist" in capsys.readouterr().err
