@@ -113,22 +113,58 @@ def tiny_sd_folder(folder: Path) -> Path:
     return folder
 
 
-def build_all(root: Path) -> dict[str, tuple[str, str]]:
-    """task -> (model, dataset) for tiny runs."""
-    llama, chat = make_assets(root)
-    bert = tiny_bert(root / "tiny-bert")
-    captions = caption_images(root / "captions", 40)
-    texts = [m["content"] for r in synthetic_rows(200) for m in r["messages"]]
-    text = root / "notes.txt"
-    paragraphs = [" ".join(m["content"] for m in r["messages"]) for r in synthetic_rows(120, seed=1)]
-    text.write_text("\n\n".join(" ".join(paragraphs[i : i + 2]) for i in range(0, 120, 2)), encoding="utf-8")
-    return {
-        "causal-lm": (str(llama), str(chat)),
-        "pretrain": (str(llama), str(text)),
-        "sequence-classification": (str(bert), str(_jsonl(root / "sentiment.jsonl", sentiment_rows(64)))),
-        "token-classification": (str(bert), str(_jsonl(root / "ner.jsonl", ner_rows(64)))),
-        "image-classification": (str(tiny_vit(root / "tiny-vit")), "digits#64"),
-        "seq2seq": (save_tiny_t5(str(root / "tiny-t5"), texts), str(chat)),
-        "text-to-image": (str(tiny_sd_folder(root / "tiny-sd")), str(captions)),
-        "image-to-text": (save_tiny_llava(str(root / "tiny-llava")), str(captions)),
-    }
+class TaskAssets(dict):
+    """task -> (model, dataset) for tiny runs, each built on first use (diffusers and LLaVA
+    folders cost seconds that runs of other tasks need not pay)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def _llama(self) -> tuple[Path, Path]:
+        if not (self.root / "tiny-llama").is_dir():
+            make_assets(self.root)
+        return self.root / "tiny-llama", self.root / "data.jsonl"
+
+    def _bert(self) -> str:
+        folder = self.root / "tiny-bert"
+        return str(folder if folder.is_dir() else tiny_bert(folder))
+
+    def _captions(self) -> str:
+        path = self.root / "captions" / "captions.jsonl"
+        return str(path if path.is_file() else caption_images(self.root / "captions", 40))
+
+    def _notes(self) -> str:
+        text = self.root / "notes.txt"
+        paragraphs = [" ".join(m["content"] for m in r["messages"]) for r in synthetic_rows(120, seed=1)]
+        text.write_text("\n\n".join(" ".join(paragraphs[i : i + 2]) for i in range(0, 120, 2)), encoding="utf-8")
+        return str(text)
+
+    def __missing__(self, task: str) -> tuple[str, str]:
+        root = self.root
+        if task == "causal-lm":
+            value = tuple(map(str, self._llama()))
+        elif task == "pretrain":
+            value = (str(self._llama()[0]), self._notes())
+        elif task == "sequence-classification":
+            value = (self._bert(), str(_jsonl(root / "sentiment.jsonl", sentiment_rows(64))))
+        elif task == "token-classification":
+            value = (self._bert(), str(_jsonl(root / "ner.jsonl", ner_rows(64))))
+        elif task == "image-classification":
+            value = (str(tiny_vit(root / "tiny-vit")), "digits#64")
+        elif task == "seq2seq":
+            texts = [m["content"] for r in synthetic_rows(200) for m in r["messages"]]
+            value = (save_tiny_t5(str(root / "tiny-t5"), texts), str(self._llama()[1]))
+        elif task == "text-to-image":
+            value = (str(tiny_sd_folder(root / "tiny-sd")), self._captions())
+        elif task == "image-to-text":
+            value = (save_tiny_llava(str(root / "tiny-llava")), self._captions())
+        else:
+            raise KeyError(task)
+        self[task] = value
+        return value
+
+
+def build_all(root: Path) -> TaskAssets:
+    """task -> (model, dataset), built lazily."""
+    return TaskAssets(root)
