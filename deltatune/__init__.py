@@ -27,6 +27,7 @@ from deltatune.tuners.delora import DeloraConfig
 from deltatune.tuners.fourierft import FourierFTConfig
 from deltatune.tuners.full import FullConfig
 from deltatune.tuners.gralora import GraloraConfig
+from deltatune.tuners.hira import HiraConfig
 from deltatune.tuners.hra import HRAConfig
 from deltatune.tuners.ia3 import IA3Config
 from deltatune.tuners.llama_pro import LlamaProConfig
@@ -62,6 +63,7 @@ __all__ = [
     "FourierFTConfig",
     "FullConfig",
     "GraloraConfig",
+    "HiraConfig",
     "HRAConfig",
     "IA3Config",
     "LNTuningConfig",

@@ -28,7 +28,6 @@ NOT_IMPLEMENTED = {
     "PVERA": TODO,
     "GLORA": TODO,
     "UNILORA": TODO,
-    "HIRA": TODO,
     "OSF": TODO,
     "CARTRIDGE": TODO,
     "TINYLORA": TODO,

@@ -29,6 +29,7 @@ METHODS = {
     "randlora": ({"r": 4, "randlora_alpha": 4}, 2e-2),
     "vblora": ({"r": 4, "num_vectors": 32, "vector_length": 8}, 5e-2),
     "waveft": ({"n_frequency": 64, "scaling": 50.0}, 2e-2),
+    "hira": ({"r": 8}, 2e-1, 0.15),  # scaled by the small random base weights
     "hra": ({"r": 8}, 5e-2, 0.15),  # reflections only, like OFT
     "boft": ({"boft_block_size": 4, "boft_n_butterfly_factor": 2}, 1e-1),
 }

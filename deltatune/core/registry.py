@@ -47,6 +47,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.randlora",
     "deltatune.tuners.vblora",
     "deltatune.tuners.waveft",
+    "deltatune.tuners.hira",
 )
 
 
