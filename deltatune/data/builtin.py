@@ -297,3 +297,7 @@ BUILTINS: dict[str, Callable[[Mapping[str, Any]], tuple[Rows, list[str]]]] = {
     "fashion_mnist": load_fashion_mnist,
     "vader_sentiment": load_vader_sentiment,
 }
+from deltatune.data import preference as _preference  # noqa: E402 (rlhf demo sets)
+
+BUILTINS.update(chatterbot_preference=_preference.load_chatterbot_preference,
+                chatterbot_kto=_preference.load_chatterbot_kto, arithmetic=_preference.arithmetic_prompts)

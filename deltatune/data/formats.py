@@ -27,7 +27,8 @@ import numpy as np
 from deltatune.data.report import RowError
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("alpaca", "sharegpt", "messages", "classification", "ner", "image-caption", "image-classification")
+FORMATS = ("alpaca", "sharegpt", "messages", "classification", "ner", "image-caption", "image-classification",
+           "preference", "kto", "prompt-only")  # the last three: deltatune/data/preference.py (rlhf)
 
 # ShareGPT-style dumps name roles many ways; anything else is an "unknown_role".
 DEFAULT_ROLE_MAP = {
@@ -310,6 +311,9 @@ CONVERTERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str,
     "image-caption": from_image_caption,
     "image-classification": from_image_classification,
 }
+from deltatune.data.preference import CONVERTERS as _PREFERENCE_CONVERTERS  # noqa: E402 (needs the helpers above)
+
+CONVERTERS.update(_PREFERENCE_CONVERTERS)
 
 
 def rename_columns(row: Mapping[str, Any], columns: Mapping[str, str] | None) -> dict[str, Any]:
@@ -330,6 +334,11 @@ def rename_columns(row: Mapping[str, Any], columns: Mapping[str, str] | None) ->
 def detect_format(row: Mapping[str, Any]) -> str | None:
     """Guess a local file's format from one row's keys; None when nothing fits."""
     keys = set(row)
+    from deltatune.data.preference import detect as detect_preference
+
+    preference = detect_preference(keys)
+    if preference:
+        return preference
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:

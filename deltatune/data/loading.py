@@ -195,6 +195,8 @@ def load_source(
 
 
 def _row_kind(row: Row) -> str:
+    if "prompt" in row:  # preference / kto / prompt-only rows (deltatune/data/preference.py)
+        return "preference" if "chosen" in row else "kto" if "completion" in row else "prompt-only"
     if "messages" in row:
         return "chat"
     return "ner" if "tokens" in row else "image" if "image" in row else "classification"

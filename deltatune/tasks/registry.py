@@ -17,6 +17,11 @@ TASKS: dict[str, str] = {
     "seq2seq": "deltatune.tasks.seq2seq:Seq2SeqTask",
     "image-classification": "deltatune.tasks.image_classification:ImageClassificationTask",
     "text-to-image": "deltatune.tasks.text_to_image:TextToImageTask",
+    "dpo": "deltatune.tasks.preference:DPOTask",  # `deltatune rlhf --method ...` (preference and RL training)
+    "ipo": "deltatune.tasks.preference:IPOTask",
+    "orpo": "deltatune.tasks.preference:ORPOTask",
+    "simpo": "deltatune.tasks.preference:SimPOTask",
+    "cpo": "deltatune.tasks.preference:CPOTask",
     "image-to-text": "deltatune.tasks.image_to_text:ImageToTextTask",
 }
 

@@ -110,6 +110,17 @@ class TrainArgs:
     """Write loss.png at the end."""
     progress: bool = True
     """Show a progress bar."""
+    beta: float | None = None
+    """rlhf: weight of the preference term (dpo/ipo/kto: KL strength 0.1; orpo: odds-ratio weight 0.1;
+    simpo 2.0; cpo 0.1)."""
+    loss_type: str | None = None
+    """rlhf: loss variant; dpo: sigmoid (default), hinge or ipo; cpo: sigmoid, hinge or ipo."""
+    ref_adapter: str | None = None
+    """rlhf (dpo/ipo/kto): reference = this adapter folder, loaded frozen (e.g. the SFT adapter); default:
+    the base model (the trained adapter disabled, no extra weights)."""
+    method_args: dict[str, Any] = field(default_factory=dict)
+    """rlhf: method constants KEY=VALUE,...: simpo_gamma (0.5), cpo_alpha (1.0), desirable_weight and
+    undesirable_weight (kto, 1.0)."""
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> None:
