@@ -42,6 +42,7 @@ from deltatune.tuners.p_tuning import PTuningConfig
 from deltatune.tuners.part import PartConfig
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig
+from deltatune.tuners.pvera import PveraConfig
 from deltatune.tuners.randlora import RandLoraConfig
 from deltatune.tuners.restuning import ResTuningConfig
 from deltatune.tuners.road import RoadConfig
@@ -79,6 +80,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "QuantizedMergeError",
+    "PveraConfig",
     "RandLoraConfig",
     "ResTuningConfig",
     "RoadConfig",

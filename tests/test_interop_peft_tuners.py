@@ -64,6 +64,7 @@ METHODS = {
     "waveft": ("WaveFTConfig", {"n_frequency": 40, "scaling": 10.0}, {"llama": LLAMA}),
     "waveft-no-idwt": ("WaveFTConfig", {"n_frequency": 30, "use_idwt": False, "random_loc_seed": 3}, {"llama": LLAMA}),
     "hira": ("HiraConfig", {"r": 2, "hira_dropout": 0.1}, {"llama": LLAMA}),
+    "pvera": ("PveraConfig", {"r": 4, "projection_prng_key": 3}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

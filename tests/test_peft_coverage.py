@@ -25,7 +25,6 @@ NOT_IMPLEMENTED = {
     "BEFT": TODO,
     "LILY": TODO,
     "FROD": TODO,
-    "PVERA": TODO,
     "GLORA": TODO,
     "UNILORA": TODO,
     "OSF": TODO,

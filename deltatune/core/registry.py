@@ -48,6 +48,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.vblora",
     "deltatune.tuners.waveft",
     "deltatune.tuners.hira",
+    "deltatune.tuners.pvera",
 )
 
 
