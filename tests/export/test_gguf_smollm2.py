@@ -57,7 +57,7 @@ def _rounded_copy(model, gguf_type: str):
     return rounded
 
 
-@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", ["q8_0"])  # f16: measured once (0.05), and covered by the converter test below
 def test_smollm2_round_trip(smollm2, tmp_path, gguf_type):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
