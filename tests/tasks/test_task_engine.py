@@ -165,3 +165,34 @@ def test_eval_command_reports_the_task_metrics_of_a_run(assets, tmp_path):
         scores[name] = json.loads(report.read_text())
     assert scores["tuned"]["rows"] == scores["base"]["rows"] == 64  # every row evaluated
     assert scores["tuned"]["accuracy"] > scores["base"]["accuracy"] + 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["image-classification"])  # causal-lm: tests/train/test_slow.py
+def test_two_process_gloo_run_matches_one_process(task, assets, tmp_path):
+    """DDP over 2 CPU processes (batch 2 each) reaches the adapter of 1 process with batch 4."""
+    import os
+    import subprocess
+    import sys
+
+    model, dataset = assets[task]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DELTATUNE_FAULT", None)
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        flags = ["sft", "--task", task, "--model", model, "--dataset", dataset, "--output-dir", str(out),
+                 "--batch-size", str(4 // procs), "--max-steps", "3", "--val-size", "16", "--max-length", "32",
+                 "--lr", "1e-2", "--tuner-args", "r=4,lora_alpha=8", "--num-samples", "0"]  # fmt: skip
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        cmd = (
+            [*launcher, "-m", "deltatune.cli.main", *flags]
+            if procs > 1
+            else [sys.executable, "-m", "deltatune.cli.main", *flags]
+        )
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[procs] = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in runs[1].items() if "lora_B" in k)
+    for key in runs[1]:
+        torch.testing.assert_close(runs[2][key], runs[1][key], rtol=1e-5, atol=1e-6)
