@@ -40,6 +40,7 @@ from deltatune.tuners.miss import MissConfig
 from deltatune.tuners.oft import OFTConfig
 from deltatune.tuners.p_tuning import PTuningConfig
 from deltatune.tuners.part import PartConfig
+from deltatune.tuners.peanut import PeanutConfig
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig
 from deltatune.tuners.pvera import PveraConfig
@@ -76,6 +77,7 @@ __all__ = [
     "MissConfig",
     "OFTConfig",
     "PartConfig",
+    "PeanutConfig",
     "PTuningConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",

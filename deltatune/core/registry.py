@@ -49,6 +49,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.waveft",
     "deltatune.tuners.hira",
     "deltatune.tuners.pvera",
+    "deltatune.tuners.peanut",
 )
 
 
