@@ -20,6 +20,7 @@ from deltatune.core.wrapper import MergeError, QuantizedMergeError
 from deltatune.io import AdapterFileError
 from deltatune.quantization import prepare_for_kbit_training, prepare_model_for_kbit_training
 from deltatune.tuners.adapter import AdapterConfig
+from deltatune.tuners.beft import BeftConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.boft import BOFTConfig
 from deltatune.tuners.c3a import C3AConfig
@@ -57,6 +58,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterConfig",
     "AdapterLoadError",
+    "BeftConfig",
     "BOFTConfig",
     "BitFitConfig",
     "ConfigError",

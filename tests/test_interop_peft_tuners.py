@@ -66,6 +66,7 @@ METHODS = {
     "hira": ("HiraConfig", {"r": 2, "hira_dropout": 0.1}, {"llama": LLAMA}),
     "pvera": ("PveraConfig", {"r": 4, "projection_prng_key": 3}, {"llama": LLAMA}),
     "peanut": ("PeanutConfig", {"r": 4, "depth": 2, "act_fn": "gelu", "scaling": 2.0}, {"llama": LLAMA}),
+    "beft": ("BeftConfig", {}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

@@ -22,7 +22,6 @@ NOT_IMPLEMENTED = {
     "ADAPTION_PROMPT": TODO,
     "CPT": TODO,
     "ADAMSS": TODO,
-    "BEFT": TODO,
     "LILY": TODO,
     "FROD": TODO,
     "GLORA": TODO,

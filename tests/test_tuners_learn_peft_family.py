@@ -33,6 +33,7 @@ METHODS = {
     "hira": ({"r": 8}, 2e-1, 0.15),  # scaled by the small random base weights
     "pvera": ({"r": 16, "generator_seed": 0}, 5e-2, 0.05),  # trained on sampled codes: noisy steps, slower
     "peanut": ({"r": 8, "depth": 1}, 5e-2),
+    "beft": ({}, 5e-2),
     "hra": ({"r": 8}, 5e-2, 0.15),  # reflections only, like OFT
     "boft": ({"boft_block_size": 4, "boft_n_butterfly_factor": 2}, 1e-1),
 }

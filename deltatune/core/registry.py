@@ -50,6 +50,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.hira",
     "deltatune.tuners.pvera",
     "deltatune.tuners.peanut",
+    "deltatune.tuners.beft",
 )
 
 
