@@ -111,6 +111,9 @@ def test_models_the_fused_path_cannot_prove_equal_take_the_standard_forward():
         tuned.model, {**batch, "logits_to_keep": torch.tensor([1, 2])}
     )
     assert "return_dict" in fused_forward.why_not_fused(tuned.model, {**batch, "return_dict": False})
+    tuned.model.config.return_dict = False
+    assert "tuple outputs" in fused_forward.why_not_fused(tuned.model, batch)
+    tuned.model.config.return_dict = True
     handle = tuned.model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
     try:
         assert "hooks" in fused_forward.why_not_fused(tuned.model, batch)

@@ -49,6 +49,8 @@ def why_not_fused(model: nn.Module, kwargs: dict[str, Any]) -> str | None:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "output_router_logits", False):
         return "no config, or a mixture-of-experts auxiliary loss"
+    if getattr(config, "return_dict", True) is False and kwargs.get("return_dict") is not True:
+        return "the config asks for tuple outputs (return_dict=False)"
     get_text_config = getattr(config, "get_text_config", None)
     if not callable(get_text_config) or get_text_config() is not config:
         return "a multimodal model (its language config is nested)"
