@@ -22,6 +22,7 @@ TASKS: dict[str, str] = {
     "orpo": "deltatune.tasks.preference:ORPOTask",
     "simpo": "deltatune.tasks.preference:SimPOTask",
     "cpo": "deltatune.tasks.preference:CPOTask",
+    "kto": "deltatune.tasks.kto:KTOTask",
     "image-to-text": "deltatune.tasks.image_to_text:ImageToTextTask",
 }
 

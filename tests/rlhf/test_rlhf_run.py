@@ -88,14 +88,19 @@ def test_dpo_sigterm_then_resume_is_bit_identical(assets, tmp_path, reference):
     same_run(out, reference)
 
 
-@pytest.mark.parametrize("method", ["ipo", "orpo", "simpo", "cpo"])
+@pytest.mark.parametrize("method", ["ipo", "orpo", "simpo", "cpo", "kto"])
 def test_every_method_runs_from_the_command_line(assets, tmp_path, method, capsys):
     from deltatune.cli.main import main
 
-    assert main(flags(assets, tmp_path / method, method, "--max-steps", "2")) == 0
+    args = flags(assets, tmp_path / method, method, "--max-steps", "2")
+    if method == "kto":  # unpaired rows: each pair gives a desirable and an undesirable completion
+        rows = [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
+                for r in preference_rows(32) for key in ("chosen", "rejected")]  # fmt: skip
+        args[args.index("--dataset") + 1] = str(write_jsonl(rows, tmp_path / "kto.jsonl"))
+    assert main(args) == 0
     log = [json.loads(line) for line in (tmp_path / method / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2]
-    assert {"reward_accuracy", "reward_margin", "pairs"} <= set(next(r for r in log if r["event"] == "eval"))
+    assert {"reward_accuracy", "reward_margin", "loss"} <= set(next(r for r in log if r["event"] == "eval"))
     assert (tmp_path / method / "adapter" / "adapter_model.safetensors").is_file()
 
 
