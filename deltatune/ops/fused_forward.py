@@ -61,6 +61,8 @@ def why_not_fused(model: nn.Module, kwargs: dict[str, Any]) -> str | None:
     head = _plain_head(model)
     if head is None or any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return "the output head trains, is not a plain nn.Linear, or its logits are scaled / soft-capped"
+    if _is_sharded(head.weight):
+        return "the head's weight is sharded (FSDP2 / tensor parallel)"
     backbone = getattr(model, "base_model", None)
     if backbone is None or backbone is model:
         return "no separate backbone module"
@@ -134,6 +136,14 @@ def _uses_causal_lm_loss(model: nn.Module) -> bool:
         return model.__dict__["_loss_function"] is ForCausalLMLoss
     loss_type = getattr(model, "loss_type", None)
     return LOSS_MAPPING.get(loss_type, ForCausalLMLoss) is ForCausalLMLoss
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(weight, DTensor)
 
 
 def _has_hooks(module: nn.Module) -> bool:
