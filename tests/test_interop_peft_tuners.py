@@ -67,6 +67,8 @@ METHODS = {
     "pvera": ("PveraConfig", {"r": 4, "projection_prng_key": 3}, {"llama": LLAMA}),
     "peanut": ("PeanutConfig", {"r": 4, "depth": 2, "act_fn": "gelu", "scaling": 2.0}, {"llama": LLAMA}),
     "beft": ("BeftConfig", {}, {"llama": LLAMA}),
+    "deft": ("DeftConfig", {"r": 2, "alpha": 4}, {"llama": LLAMA}),
+    "deft-qr-para": ("DeftConfig", {"r": 3, "decomposition_method": "qr", "para": True}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

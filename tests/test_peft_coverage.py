@@ -32,7 +32,6 @@ NOT_IMPLEMENTED = {
     "PSOFT": TODO,
     "SHADOW": TODO,
     "SUPERTUNING": TODO,
-    "DEFT": TODO,
 }
 
 

@@ -34,6 +34,7 @@ METHODS = {
     "pvera": ({"r": 16, "generator_seed": 0}, 5e-2, 0.05),  # trained on sampled codes: noisy steps, slower
     "peanut": ({"r": 8, "depth": 1}, 5e-2),
     "beft": ({}, 5e-2),
+    "deft": ({"r": 4, "alpha": 4}, 2e-2),
     "hra": ({"r": 8}, 5e-2, 0.15),  # reflections only, like OFT
     "boft": ({"boft_block_size": 4, "boft_n_butterfly_factor": 2}, 1e-1),
 }

@@ -51,6 +51,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.pvera",
     "deltatune.tuners.peanut",
     "deltatune.tuners.beft",
+    "deltatune.tuners.deft",
 )
 
 
