@@ -234,3 +234,14 @@ def test_a_head_in_another_dtype_than_the_hidden_states_runs_the_models_own_tail
             tuned(**batch)
         errors.append(str(caught.value))
     assert errors[0] == errors[1]
+
+
+def test_a_deep_copy_keeps_its_own_guard():
+    import copy
+
+    tuned = _tuned("prompt")
+    twin = copy.deepcopy(tuned)
+    ids = _batch(padded=False)["input_ids"]
+    with tuned.disable_adapter():  # the original's state does not decide for the copy
+        with pytest.raises(dt.ConfigError, match="virtual tokens would be skipped"):
+            twin.model.model(input_ids=ids)

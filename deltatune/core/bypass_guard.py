@@ -12,7 +12,6 @@ one carries virtual-token embeddings or a prefix cache), and it raises instead.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +26,19 @@ def install(tuned: Any) -> Callable[[], None] | None:
     stack = getattr(tuned.model, "base_model", None)
     if not isinstance(stack, nn.Module) or stack is tuned.model:
         return None
-    owner = weakref.ref(tuned)
+    handle = stack.register_forward_pre_hook(_RawIdsGuard(tuned), with_kwargs=True)
+    return handle.remove
 
-    def check(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        live = owner()
-        if live is None or live._active_input() is None:
+
+class _RawIdsGuard:
+    """The pre-hook. A plain object holding its TunedModel (not a closure), so that a deep copy of
+    the model gets a guard of the copy, and the model still pickles."""
+
+    def __init__(self, tuned: Any):
+        self.tuned = tuned
+
+    def __call__(self, stack: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self.tuned._active_input() is None:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or kwargs.get("inputs_embeds") is not None:
@@ -46,6 +53,3 @@ def install(tuned: Any) -> Callable[[], None] | None:
             "(TRL's trainers replace the forward of models that are not peft.PeftModel this way: train prompt, "
             "P- and prefix tuning with transformers.Trainer or `deltatune sft`.)"
         )
-
-    handle = stack.register_forward_pre_hook(check, with_kwargs=True)
-    return handle.remove
