@@ -51,6 +51,7 @@ from deltatune.tuners.restuning import ResTuningConfig
 from deltatune.tuners.road import RoadConfig
 from deltatune.tuners.shira import ShiraConfig
 from deltatune.tuners.side_tuning import SideTuningConfig
+from deltatune.tuners.supertuning import SupertuningConfig
 from deltatune.tuners.vblora import VBLoRAConfig
 from deltatune.tuners.vera import VeraConfig
 from deltatune.tuners.waveft import WaveFTConfig
@@ -93,6 +94,7 @@ __all__ = [
     "ShiraConfig",
     "SideTuningConfig",
     "TunedModel",
+    "SupertuningConfig",
     "TunerConfig",
     "TunerSpec",
     "all_specs",

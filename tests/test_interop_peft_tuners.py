@@ -69,6 +69,11 @@ METHODS = {
     "beft": ("BeftConfig", {}, {"llama": LLAMA}),
     "deft": ("DeftConfig", {"r": 2, "alpha": 4}, {"llama": LLAMA}),
     "deft-qr-para": ("DeftConfig", {"r": 3, "decomposition_method": "qr", "para": True}, {"llama": LLAMA}),
+    "supertuning": ("SupertuningConfig", {"sparsity": 0.9}, {"llama": LLAMA}),
+    "supertuning-supra": (
+        "SupertuningConfig", {"sparsity": 0.95, "r": 2, "select_top": False, "save_precomputed_indices": False},
+        {"llama": LLAMA},
+    ),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

@@ -31,7 +31,6 @@ NOT_IMPLEMENTED = {
     "TINYLORA": TODO,
     "PSOFT": TODO,
     "SHADOW": TODO,
-    "SUPERTUNING": TODO,
 }
 
 

@@ -35,6 +35,7 @@ METHODS = {
     "peanut": ({"r": 8, "depth": 1}, 5e-2),
     "beft": ({}, 5e-2),
     "deft": ({"r": 4, "alpha": 4}, 2e-2),
+    "supertuning": ({"sparsity": 0.9}, 5e-2),
     "hra": ({"r": 8}, 5e-2, 0.15),  # reflections only, like OFT
     "boft": ({"boft_block_size": 4, "boft_n_butterfly_factor": 2}, 1e-1),
 }

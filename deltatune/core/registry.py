@@ -52,6 +52,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.peanut",
     "deltatune.tuners.beft",
     "deltatune.tuners.deft",
+    "deltatune.tuners.supertuning",
 )
 
 
