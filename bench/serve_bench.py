@@ -94,12 +94,14 @@ def start_server(base_dir: str, adapters: dict[str, str], threads: int, max_num_
     cmd = [sys.executable, "-m", "deltatune.cli.main", "serve", "--model", base_dir, "--port", str(port),
            "--threads", str(threads), "--max-num-seqs", str(max_num_seqs),
            *[f"--adapter={n}={p}" for n, p in adapters.items()]]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     end = time.time() + 300
     while time.time() < end:
         if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
+            log.seek(0)
+            raise RuntimeError(log.read()[-2000:])
         try:
             urllib.request.urlopen(f"{base}/health", timeout=2)
             return proc, base

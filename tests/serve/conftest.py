@@ -82,11 +82,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(base: str, proc=None, timeout: float = 120.0) -> None:
+def wait_ready(base: str, proc=None, timeout: float = 120.0, log=None) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}: {proc.stderr.read()}")
+            log.seek(0)
+            raise RuntimeError(f"the server exited with status {proc.returncode}: {log.read()[-2000:]}")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
                 if reply.status == 200:
@@ -94,6 +95,17 @@ def wait_ready(base: str, proc=None, timeout: float = 120.0) -> None:
         except OSError:
             time.sleep(0.2)
     raise RuntimeError("the server did not come up")
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if pytest itself is killed, so no server outlives its test run."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 @pytest.fixture(scope="session")
@@ -104,10 +116,11 @@ def server(assets):
     cmd = [sys.executable, "-m", "deltatune.cli.main", "serve", "--model", str(assets["model"]), *flags,
            "--port", str(port), "--threads", "1", "--max-num-seqs", "8"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    log = open(assets["model"].parent / "server.log", "w+")  # a file, not a pipe nobody reads (it could fill up)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_die_with_parent)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc)
+        wait_ready(base, proc, log=log)
         yield base
     finally:
         proc.terminate()
@@ -116,6 +129,7 @@ def server(assets):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 class InProcessServer:

@@ -41,6 +41,8 @@ def test_cancelled_stream_frees_its_slot_and_timeouts_are_504(assets):
     cancelled = []
     engine_cancel = state.engine.cancel
     state.engine.cancel = lambda seqs: (cancelled.extend(s for s in seqs if s not in cancelled), engine_cancel(seqs))
+    decode = state.engine._decode  # the tiny model decodes 200 tokens in well under a second: slow it down
+    state.engine._decode = lambda: (time.sleep(0.02), decode())
     with InProcessServer(state) as srv:
         cli = client(srv.base)
         stream = ask(cli, max_tokens=200, stream=True, temperature=1.0, seed=0)
