@@ -168,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RLHF_METHODS = ("dpo", "ipo", "orpo", "simpo", "cpo", "kto")
+RLHF_METHODS = ("dpo", "ipo", "orpo", "simpo", "cpo", "kto", "rm")
 """`deltatune rlhf --method` values (each a task in deltatune/tasks/registry.py)."""
 
 
 def _add_rlhf_parser(sub, docs: dict) -> None:
     rlhf = sub.add_parser(
-        "rlhf", help="preference training (DPO, IPO, ORPO, SimPO, CPO, KTO) with an adapter",
+        "rlhf", help="preference training (DPO, IPO, ORPO, SimPO, CPO, KTO) and reward models with an adapter",
         argument_default=argparse.SUPPRESS,
         description="Preference training on the same engine as sft (exact resume, checkpoints, logs). With only "
         "--method dpo: SmolLM2-135M-Instruct + LoRA on the offline chatterbot-pref-en pairs.",

@@ -55,7 +55,7 @@ class PreferenceTask(CausalLMTask):
 
     def __init__(self) -> None:
         super().__init__()
-        self.beta = DEFAULT_BETA[self.name]
+        self.beta = DEFAULT_BETA.get(self.name, 0.1)
         self.loss_type = LOSS_TYPES.get(self.name, ("sigmoid",))[0]
         self.options = dict(METHOD_ARGS)
         self.ref_adapter: str | None = None

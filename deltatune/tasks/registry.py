@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "simpo": "deltatune.tasks.preference:SimPOTask",
     "cpo": "deltatune.tasks.preference:CPOTask",
     "kto": "deltatune.tasks.kto:KTOTask",
+    "rm": "deltatune.tasks.reward:RewardModelTask",
     "image-to-text": "deltatune.tasks.image_to_text:ImageToTextTask",
 }
 

@@ -88,7 +88,7 @@ def test_dpo_sigterm_then_resume_is_bit_identical(assets, tmp_path, reference):
     same_run(out, reference)
 
 
-@pytest.mark.parametrize("method", ["ipo", "orpo", "simpo", "cpo", "kto"])
+@pytest.mark.parametrize("method", ["ipo", "orpo", "simpo", "cpo", "kto", "rm"])
 def test_every_method_runs_from_the_command_line(assets, tmp_path, method, capsys):
     from deltatune.cli.main import main
 
@@ -100,7 +100,8 @@ def test_every_method_runs_from_the_command_line(assets, tmp_path, method, capsy
     assert main(args) == 0
     log = [json.loads(line) for line in (tmp_path / method / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2]
-    assert {"reward_accuracy", "reward_margin", "loss"} <= set(next(r for r in log if r["event"] == "eval"))
+    metrics = set(next(r for r in log if r["event"] == "eval"))
+    assert {"accuracy", "margin", "loss"} <= metrics if method == "rm" else {"reward_accuracy", "reward_margin"} <= metrics
     assert (tmp_path / method / "adapter" / "adapter_model.safetensors").is_file()
 
 
