@@ -140,3 +140,19 @@ def test_bad_requests_get_4xx_json_errors(server):
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
     status, body = post(server, "/v1/nothing", {})
     assert status == 404 and "error" in body
+
+
+def test_completions_take_several_prompts_and_token_ids(server):
+    cli = client(server)
+    reply = cli.completions.create(model="gamma", prompt=["add one", "add two and"], n=2, max_tokens=5, temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in reply.choices]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]  # greedy: n copies agree
+    alone = cli.completions.create(model="gamma", prompt="add two and", max_tokens=5, temperature=0)
+    assert alone.choices[0].text == texts[2]
+    assert reply.usage.prompt_tokens == alone.usage.prompt_tokens + cli.completions.create(
+        model="gamma", prompt="add one", max_tokens=1, temperature=0
+    ).usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="prompt token ids must be in"):
+        cli.completions.create(model="gamma", prompt=[5, 10**9], max_tokens=2)
+
