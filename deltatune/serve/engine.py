@@ -191,7 +191,13 @@ class Engine:
                     kept.append(seq)
             self._waiting = kept
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)  # the running batch is untouched until the new rows join it
+            except Exception as err:  # noqa: BLE001 - fails the new requests only
+                for seq in admitted:
+                    if seq.finish_reason is None:
+                        seq.error = f"{type(err).__name__}: {err}"
+                        self._finish(seq, "error")
             self._drop_finished()
         if self._running:
             self._decode()
