@@ -104,7 +104,9 @@ def create_app(state: ServerState) -> FastAPI:
         vocab = len(state.tokenizer)
         for ids in (p for p in prompts if isinstance(p, list)):
             if not all(0 <= t < vocab for t in ids):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab}) (this model's vocabulary)", param="prompt")
+                raise APIError(
+                    400, f"prompt token ids must be in [0, {vocab}) (this model's vocabulary)", param="prompt"
+                )
         prompt_ids = [p if isinstance(p, list) else state.tokenizer(p).input_ids for p in prompts]
         return await _complete(state, request, parsed, prompt_ids, chat=False)
 

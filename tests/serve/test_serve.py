@@ -150,9 +150,10 @@ def test_completions_take_several_prompts_and_token_ids(server):
     assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]  # greedy: n copies agree
     alone = cli.completions.create(model="gamma", prompt="add two and", max_tokens=5, temperature=0)
     assert alone.choices[0].text == texts[2]
-    assert reply.usage.prompt_tokens == alone.usage.prompt_tokens + cli.completions.create(
-        model="gamma", prompt="add one", max_tokens=1, temperature=0
-    ).usage.prompt_tokens
+    assert (
+        reply.usage.prompt_tokens
+        == alone.usage.prompt_tokens
+        + cli.completions.create(model="gamma", prompt="add one", max_tokens=1, temperature=0).usage.prompt_tokens
+    )
     with pytest.raises(openai.BadRequestError, match="prompt token ids must be in"):
         cli.completions.create(model="gamma", prompt=[5, 10**9], max_tokens=2)
-
