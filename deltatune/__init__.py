@@ -28,6 +28,7 @@ from deltatune.tuners.deft import DeftConfig
 from deltatune.tuners.delora import DeloraConfig
 from deltatune.tuners.fourierft import FourierFTConfig
 from deltatune.tuners.full import FullConfig
+from deltatune.tuners.glora import GloraConfig
 from deltatune.tuners.gralora import GraloraConfig
 from deltatune.tuners.hira import HiraConfig
 from deltatune.tuners.hra import HRAConfig
@@ -69,6 +70,7 @@ __all__ = [
     "DeloraConfig",
     "FourierFTConfig",
     "FullConfig",
+    "GloraConfig",
     "GraloraConfig",
     "HiraConfig",
     "HRAConfig",

@@ -74,6 +74,11 @@ METHODS = {
         "SupertuningConfig", {"sparsity": 0.95, "r": 2, "select_top": False, "save_precomputed_indices": False},
         {"llama": LLAMA},
     ),
+    "glora": ("GloraConfig", {"r": 2}, {"llama": LLAMA}),
+    "glora-vectors": (
+        "GloraConfig", {"r": 2, "config_A_B": "vector", "config_C": "vector", "config_D_E": "vector"},
+        {"bert": ["query", "value"]},  # layers with biases: every slot in use
+    ),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

@@ -24,7 +24,6 @@ NOT_IMPLEMENTED = {
     "ADAMSS": TODO,
     "LILY": TODO,
     "FROD": TODO,
-    "GLORA": TODO,
     "UNILORA": TODO,
     "OSF": TODO,
     "CARTRIDGE": TODO,

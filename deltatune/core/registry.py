@@ -53,6 +53,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.beft",
     "deltatune.tuners.deft",
     "deltatune.tuners.supertuning",
+    "deltatune.tuners.glora",
 )
 
 
