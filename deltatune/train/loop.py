@@ -347,6 +347,8 @@ def train(
                         f"stopped by {stop['signal']} after step {number}; checkpoint saved, continue with "
                         f"--resume --output-dir {out}"
                     )
+        except torch.cuda.OutOfMemoryError as err:  # name the step (the CLI exits 15 with the fix)
+            raise type(err)(f"at step {step + 1} of {total}: {str(err).splitlines()[0] if str(err) else ''}") from err
         finally:
             progress.close()
             _restore_signal_handlers(previous)

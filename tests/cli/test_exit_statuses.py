@@ -138,3 +138,20 @@ def test_a_chat_ending_with_the_user_turn_is_invalid(tmp_path):
     assert len(rows) == 3
     assert report.reasons == {"ends_with_user_turn": 1}
     assert report.examples["ends_with_user_turn"] == [f"{data}:4 (messages[2] (the last turn) is a user turn)"]
+
+
+def test_out_of_memory_in_training_names_the_step(tiny_assets, tmp_path, monkeypatch, capsys):
+    from deltatune.train import loop
+
+    real, calls = loop._clip, []
+
+    def oom_on_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_clip", oom_on_step_2)
+    assert main(sft_flags(*tiny_assets, tmp_path / "run")) == 15
+    line = _last_error(capsys.readouterr().err)
+    assert "out of memory (at step 2 of 6: CUDA out of memory" in line and "--batch-size" in line
