@@ -49,7 +49,11 @@ def chat(
     model: Any, tokenizer: Any, *, max_new_tokens: int, stdin: TextIO | None = None, stdout: TextIO | None = None,
     interactive: bool | None = None, read: Callable[[str], str] = input, history: Path | None = None,
 ) -> int:  # fmt: skip
-    """Answer prompts from `stdin` (a REPL when it is a terminal). Returns the number of answers."""
+    """Answer prompts from `stdin` (a REPL when it is a terminal). Returns the number of answers.
+
+    Raises:
+        ConfigError: standard input is not a terminal and holds no prompt.
+    """
     from deltatune.train.evaluate import generate_answers
 
     stdin = sys.stdin if stdin is None else stdin
@@ -65,6 +69,10 @@ def chat(
                                       max_new_tokens=max_new_tokens, progress=False)[0]  # fmt: skip
             print(f"user:      {prompt}\nassistant: {answer}\n", file=stdout, flush=True)
             answered += 1
+        if answered == 0:
+            from deltatune.core.config import ConfigError
+
+            raise ConfigError("no prompt on standard input; give --prompt TEXT, --dataset D, or pipe one prompt a line")
         return answered
 
     from transformers import TextStreamer

@@ -168,6 +168,9 @@ def test_infer_without_prompt_answers_each_stdin_line(zh_run, monkeypatch, capsy
     assert main(["infer", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--max-new-tokens", "2"]) == 0
     text = capsys.readouterr().out
     assert text.count("assistant:") == 2 and "user:      今天天气怎么样" in text
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["infer", "--model", str(model_dir)]) == 4
+    assert "no prompt on standard input" in capsys.readouterr().err
 
 
 def test_chat_repl_keeps_the_conversation_and_history(zh_run, tmp_path, monkeypatch):
