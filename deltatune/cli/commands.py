@@ -25,7 +25,7 @@ def run_sft(args) -> int:
     if before and after and "perplexity" in after:
         print(f"held-out loss   before {before['loss']:.4f}  ->  after {after['loss']:.4f}"
               f"   (perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f},"
-              f" {after['tokens']} answer tokens)")  # fmt: skip
+              f" {after['tokens']} {'answer tokens' if args.task == 'causal-lm' else 'tokens'})")  # fmt: skip
     elif before and after:
         for key, value in after.items():
             if key in before and isinstance(value, float):
@@ -285,3 +285,16 @@ def run_serve(ns) -> int:
     from deltatune.serve.server import run
 
     return run(ns)
+
+
+def run_webui(ns) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        from deltatune.core.config import ConfigError
+
+        raise ConfigError("deltatune webui needs Gradio: pip install 'deltatune[webui]'") from None
+    from deltatune.webui.app import launch
+
+    launch(ns.host, ns.port, ns.password or os.environ.get("DELTATUNE_WEBUI_PASSWORD") or None, ns.runs_dir)
+    return 0

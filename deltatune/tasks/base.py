@@ -47,6 +47,7 @@ class Task(Protocol):
     - `structural() -> dict`: what a resumed run must share besides the tuner config (template hash).
     - `samples(model, data, args, device) -> list[dict]`: generations shown before/after training.
     - `finish(model, out, data, args, log)`: extra outputs after the adapter is saved (images, formats).
+    - `step_metrics() -> dict`: numbers of the step just taken, added to its logs.jsonl record (grpo's reward).
     """
 
     name: str
@@ -96,4 +97,4 @@ def headline(metrics: dict[str, Any], when: str) -> str:
 
 
 def _fmt(key: str, value: Any) -> str:
-    return f"{key} {value:.4f}" if isinstance(value, float) and not float(value).is_integer() else f"{key} {value:g}"
+    return f"{key} {value:.4g}"
