@@ -24,6 +24,7 @@ from deltatune.tuners.beft import BeftConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.boft import BOFTConfig
 from deltatune.tuners.c3a import C3AConfig
+from deltatune.tuners.cartridge import CartridgeConfig
 from deltatune.tuners.deft import DeftConfig
 from deltatune.tuners.delora import DeloraConfig
 from deltatune.tuners.fourierft import FourierFTConfig
@@ -66,6 +67,7 @@ __all__ = [
     "BitFitConfig",
     "ConfigError",
     "C3AConfig",
+    "CartridgeConfig",
     "DeftConfig",
     "DeloraConfig",
     "FourierFTConfig",

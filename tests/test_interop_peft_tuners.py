@@ -158,3 +158,32 @@ def test_fourierft_small_layers_get_all_frequencies_and_peft_agrees(tmp_path):
     tuned.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny.fresh(), tmp_path).eval()
     torch.testing.assert_close(contract.run(tiny, theirs), contract.run(tiny, tuned), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_cartridge_crosses_both_ways(tmp_path, frozen):
+    """CARTRIDGE (a trained KV cache served like prefix tuning): peft's file in deltatune and ours in peft."""
+    tiny = TINY_MODELS["llama"]
+    base_out = contract.run(tiny, tiny.fresh())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            tiny.fresh(), peft.CartridgeConfig(num_virtual_tokens=4, num_frozen_tokens=frozen, task_type="CAUSAL_LM")
+        )
+    _perturb_peft(theirs)
+    expected = contract.run(tiny, theirs.eval())
+    assert (expected - base_out).abs().max() > 1e-4
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = dt.TunedModel.from_pretrained(tiny.fresh(), tmp_path / "theirs")
+    torch.testing.assert_close(contract.run(tiny, ours), expected, atol=1e-5, rtol=1e-5)
+
+    config = dt.CartridgeConfig(num_virtual_tokens=4, num_frozen_tokens=frozen, task_type="CAUSAL_LM")
+    tuned = dt.get_tuned_model(tiny.fresh(), config)
+    contract.perturb(tuned)
+    mine = contract.assert_changes_output(tiny, tuned, base_out)
+    assert (
+        sum(p.numel() for p in tuned.parameters() if p.requires_grad) == (4 - frozen) * 2 * 2 * 8
+    )  # L=2, 2 KV heads x 4
+    tuned.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny.fresh(), tmp_path / "ours").eval()
+    torch.testing.assert_close(contract.run(tiny, back), mine, atol=1e-5, rtol=1e-5)

@@ -26,7 +26,6 @@ NOT_IMPLEMENTED = {
     "FROD": TODO,
     "UNILORA": TODO,
     "OSF": TODO,
-    "CARTRIDGE": TODO,
     "TINYLORA": TODO,
     "PSOFT": TODO,
     "SHADOW": TODO,

@@ -54,6 +54,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.deft",
     "deltatune.tuners.supertuning",
     "deltatune.tuners.glora",
+    "deltatune.tuners.cartridge",
 )
 
 
