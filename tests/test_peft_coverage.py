@@ -10,25 +10,27 @@ from deltatune import all_specs
 
 peft = pytest.importorskip("peft")
 
-TODO = "not implemented yet (issue 17: every peft tuner)"
-LORA_FAMILY = "belongs to the LoRA-family work (AdaLoRA, trainable tokens), not implemented yet"
+TODO = "not implemented yet (issue 17)"
+LORA_FAMILY = "not implemented yet: belongs to the LoRA-family work (AdaLoRA, trainable tokens)"
 
 NOT_IMPLEMENTED = {
     "ADALORA": LORA_FAMILY,
     "TRAINABLE_TOKENS": LORA_FAMILY,
-    "XLORA": TODO,
-    "POLY": TODO,
-    "MULTITASK_PROMPT_TUNING": TODO,
-    "ADAPTION_PROMPT": TODO,
-    "CPT": TODO,
-    "ADAMSS": TODO,
-    "LILY": TODO,
+    # mixture and multi-task methods: they route between several adapters or tasks per input
+    "XLORA": TODO + ": a learned classifier mixes several loaded LoRAs per token (two forward passes)",
+    "POLY": TODO + ": routes an inventory of LoRA skills by task ids given to every forward",
+    "MULTITASK_PROMPT_TUNING": TODO + ": a shared prompt times per-task low-rank factors, chosen by task ids",
+    "ADAPTION_PROMPT": TODO + ": LLaMA-Adapter replaces attention modules with gated adaption-prompt ones",
+    "CPT": TODO + ": context-aware prompt tuning needs token-type masks and its own loss in the training loop",
+    # newer methods whose structure goes beyond a per-layer delta
+    "ADAMSS": TODO + ": subspace adaptation with an importance schedule driven by a training callback",
+    "LILY": TODO + ": low-rank experts shared across layers (stride_A) with data-dependent routing",
     "FROD": TODO,
-    "UNILORA": TODO,
-    "OSF": TODO,
+    "UNILORA": TODO + ": one parameter vector indexed from every layer by a global, seeded assignment",
+    "OSF": TODO + ": SVD split of each weight with gradient-projection hooks on the trained part",
     "TINYLORA": TODO,
     "PSOFT": TODO,
-    "SHADOW": TODO,
+    "SHADOW": TODO + ": a parallel shadow network riding the decoder loop (block-level, not a layer delta)",
 }
 
 
