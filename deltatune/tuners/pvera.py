@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.backends import LayerInfo
-from deltatune.core.config import ConfigError, TunerConfig
+from deltatune.core.config import ConfigError
 from deltatune.core.registry import TunerSpec
 from deltatune.core.wrapper import BaseCall
 from deltatune.tuners.weight_delta import (
     CONTRACT_MODELS,
     DenseDelta,
+    SharedProjectionConfig,
     check_positive_int,
     check_probability,
     model_level_keys,
@@ -39,7 +40,7 @@ from deltatune.tuners.weight_delta import (
 
 
 @dataclass(kw_only=True)
-class PveraConfig(TunerConfig):
+class PveraConfig(SharedProjectionConfig):
     """Configuration of a PVeRA adapter (field names and meanings are peft's)."""
 
     tuner_name = "pvera"
@@ -49,10 +50,6 @@ class PveraConfig(TunerConfig):
 
     r: int = 256
     """Rank of the code (A has 2r rows: mean and log-variance)."""
-    projection_prng_key: int = 0
-    """Seed of the shared projections."""
-    save_projection: bool = True
-    """Save A and B with the adapter; False rebuilds them from the seed."""
     pvera_dropout: float = 0.0
     """Dropout on the update's input only."""
     d_initial: float = 0.1
@@ -69,7 +66,6 @@ class PveraConfig(TunerConfig):
     def validate(self) -> None:
         super().validate()
         check_positive_int("r", self.r)
-        check_positive_int("projection_prng_key", self.projection_prng_key, allow_zero=True)
         check_probability("pvera_dropout", self.pvera_dropout)
         if self.generator_seed is not None:
             check_positive_int("generator_seed", self.generator_seed, allow_zero=True)

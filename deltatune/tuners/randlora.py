@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from deltatune.backends import LayerInfo
-from deltatune.core.config import ConfigError, TunerConfig
+from deltatune.core.config import ConfigError
 from deltatune.core.registry import TunerSpec
 from deltatune.tuners.weight_delta import (
     CONTRACT_MODELS,
     DenseDelta,
+    SharedProjectionConfig,
     check_positive_int,
     check_probability,
     model_level_keys,
@@ -41,7 +42,7 @@ from deltatune.tuners.weight_delta import (
 
 
 @dataclass(kw_only=True)
-class RandLoraConfig(TunerConfig):
+class RandLoraConfig(SharedProjectionConfig):
     """Configuration of a RandLoRA adapter (field names and meanings are peft's)."""
 
     tuner_name = "randlora"
@@ -51,10 +52,6 @@ class RandLoraConfig(TunerConfig):
 
     r: int = 32
     """Rank of each random basis; a layer uses ceil(min(in, out) / r) of them."""
-    projection_prng_key: int = 0
-    """Seed of the shared random bases."""
-    save_projection: bool = True
-    """Save the bases with the adapter; False rebuilds them from the seed."""
     sparse: bool = False
     """Ternary bases with a third of the entries non-zero."""
     very_sparse: bool = False
@@ -71,7 +68,6 @@ class RandLoraConfig(TunerConfig):
     def validate(self) -> None:
         super().validate()
         check_positive_int("r", self.r)
-        check_positive_int("projection_prng_key", self.projection_prng_key, allow_zero=True)
         check_probability("randlora_dropout", self.randlora_dropout)
 
 

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from deltatune.backends import LayerInfo
-from deltatune.core.config import ConfigError, TunerConfig
+from deltatune.core.config import ConfigError
 from deltatune.core.registry import TunerSpec
 from deltatune.tuners.weight_delta import (
     CONTRACT_MODELS,
     DenseDelta,
+    SharedProjectionConfig,
     check_positive_int,
     check_probability,
     model_level_keys,
@@ -39,7 +40,7 @@ from deltatune.tuners.weight_delta import (
 
 
 @dataclass(kw_only=True)
-class VeraConfig(TunerConfig):
+class VeraConfig(SharedProjectionConfig):
     """Configuration of a VeRA adapter (field names and meanings are peft's)."""
 
     tuner_name = "vera"
@@ -49,10 +50,6 @@ class VeraConfig(TunerConfig):
 
     r: int = 256
     """Rank of the shared projections (larger costs only r values per layer)."""
-    projection_prng_key: int = 0
-    """Seed of the shared projections A and B."""
-    save_projection: bool = True
-    """Save A and B with the adapter (safer across torch versions); False rebuilds them from the seed."""
     vera_dropout: float = 0.0
     """Dropout on the update's input only."""
     d_initial: float = 0.1
@@ -65,7 +62,6 @@ class VeraConfig(TunerConfig):
     def validate(self) -> None:
         super().validate()
         check_positive_int("r", self.r)
-        check_positive_int("projection_prng_key", self.projection_prng_key, allow_zero=True)
         check_probability("vera_dropout", self.vera_dropout)
 
 

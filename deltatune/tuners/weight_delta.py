@@ -275,6 +275,20 @@ class LycorisConfig(TunerConfig):
         return r, float(pattern_value(self.alpha_pattern, module_name, self.alpha)) / r
 
 
+@dataclass(kw_only=True)
+class SharedProjectionConfig(TunerConfig):
+    """Fields of the tuners whose layers share seeded random projections (VeRA, PVeRA, RandLoRA)."""
+
+    projection_prng_key: int = 0
+    """Seed of the random projections every adapted layer shares."""
+    save_projection: bool = True
+    """Save the shared projections with the adapter; False rebuilds them from the seed on load."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("projection_prng_key", self.projection_prng_key, allow_zero=True)
+
+
 def drop_rows(weight: torch.Tensor, p: float, rescale: bool) -> torch.Tensor:
     """LyCORIS rank dropout: zero whole output rows of dW with probability p (rescaled to keep the mean)."""
     keep = (torch.rand(weight.shape[0], device=weight.device) > p).to(weight.dtype)
