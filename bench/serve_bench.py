@@ -51,6 +51,7 @@ def make_adapters(folder: Path, base_dir: str) -> dict[str, str]:
     import deltatune as dt
 
     model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(0)  # A's initialisation: the same adapters in every run
     config = dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     tuned = dt.get_tuned_model(model, config, adapter_name=ADAPTERS[0])
     for name in ADAPTERS[1:]:
