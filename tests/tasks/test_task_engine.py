@@ -196,3 +196,31 @@ def test_two_process_gloo_run_matches_one_process(task, assets, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in runs[1].items() if "lora_B" in k)
     for key in runs[1]:
         torch.testing.assert_close(runs[2][key], runs[1][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "token-classification"])
+def test_a_classifier_adapter_loads_in_peft_with_identical_outputs(task, assets, tmp_path):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from deltatune.core.tuned_model import TunedModel
+
+    out = tmp_path / "run"
+    train(_args(task, assets, out, max_steps=3), log=lambda *_: None)
+    labels = json.loads((out / "run.json").read_text())["data"]["labels"]
+    auto = getattr(
+        transformers,
+        "AutoModelForSequenceClassification" if task.startswith("seq") else "AutoModelForTokenClassification",
+    )
+
+    def base():
+        torch.manual_seed(123)  # the head is replaced by the adapter's copy either way
+        return auto.from_pretrained(assets[task][0], num_labels=len(labels)).eval()
+
+    ids = torch.tensor([[2, 5, 13, 9, 3]])
+    ours = TunedModel.from_pretrained(base(), out / "adapter", is_trainable=False)
+    theirs = peft.PeftModel.from_pretrained(base(), str(out / "adapter"))
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        assert not torch.allclose(expected, base()(input_ids=ids).logits)  # the adapter changes the output
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected)
