@@ -29,7 +29,7 @@ from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
 from deltatune.tuners.weight_delta import (
-    CONTRACT_MODELS,
+    DENSE_CONTRACT_MODELS,
     DenseDelta,
     check_positive_int,
     dotted_pattern_value,
@@ -125,6 +125,6 @@ SPEC = TunerSpec(
     prepare=prepare,
     paper="https://arxiv.org/abs/2407.19342",
     identity_at_init=False,  # peft's default init draws the kernels at random
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"block_size": 2},),
 )

@@ -28,7 +28,7 @@ from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
 from deltatune.tuners.weight_delta import (
-    CONTRACT_MODELS,
+    DENSE_CONTRACT_MODELS,
     DenseDelta,
     check_positive_int,
     dotted_pattern_value,
@@ -118,6 +118,6 @@ SPEC = TunerSpec(
     prepare=prepare,
     paper="https://arxiv.org/abs/2405.03003",
     identity_at_init=False,  # peft's default init_weights=False draws the spectrum at random
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"n_frequency": 24, "scaling": 10.0},),
 )

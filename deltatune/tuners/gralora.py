@@ -26,7 +26,13 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, check_positive_int, check_probability, kaiming_
+from deltatune.tuners.weight_delta import (
+    DENSE_CONTRACT_MODELS,
+    DenseDelta,
+    check_positive_int,
+    check_probability,
+    kaiming_,
+)
 
 
 @dataclass(kw_only=True)
@@ -114,6 +120,6 @@ SPEC = TunerSpec(
     dispatch=("linear",),
     build=build,
     paper="https://arxiv.org/abs/2505.20355",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 1},),
 )

@@ -28,7 +28,14 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError
 from deltatune.core.registry import TunerSpec
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, LycorisConfig, drop_rows, kaiming_, weight_shape
+from deltatune.tuners.weight_delta import (
+    DENSE_CONTRACT_MODELS,
+    DenseDelta,
+    LycorisConfig,
+    drop_rows,
+    kaiming_,
+    weight_shape,
+)
 
 
 @dataclass(kw_only=True)
@@ -104,6 +111,6 @@ SPEC = TunerSpec(
     dispatch=("linear", "conv"),
     build=build,
     paper="https://arxiv.org/abs/2108.06098",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 2, "alpha": 4, "use_effective_conv2d": True},),
 )

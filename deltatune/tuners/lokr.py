@@ -28,7 +28,14 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError
 from deltatune.core.registry import TunerSpec
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, LycorisConfig, drop_rows, kaiming_, weight_shape
+from deltatune.tuners.weight_delta import (
+    DENSE_CONTRACT_MODELS,
+    DenseDelta,
+    LycorisConfig,
+    drop_rows,
+    kaiming_,
+    weight_shape,
+)
 
 
 @dataclass(kw_only=True)
@@ -146,6 +153,6 @@ SPEC = TunerSpec(
     dispatch=("linear", "conv"),
     build=build,
     paper="https://arxiv.org/abs/2309.14859",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 1, "alpha": 2, "decompose_both": True, "use_effective_conv2d": True},),
 )

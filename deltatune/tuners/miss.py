@@ -25,7 +25,13 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, check_positive_int, check_probability, kaiming_
+from deltatune.tuners.weight_delta import (
+    DENSE_CONTRACT_MODELS,
+    DenseDelta,
+    check_positive_int,
+    check_probability,
+    kaiming_,
+)
 
 
 @dataclass(kw_only=True)
@@ -107,6 +113,6 @@ SPEC = TunerSpec(
     build=build,
     prepare=prepare,
     paper="https://arxiv.org/abs/2409.15371",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 3},),
 )

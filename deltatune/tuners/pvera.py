@@ -29,7 +29,7 @@ from deltatune.core.config import ConfigError
 from deltatune.core.registry import TunerSpec
 from deltatune.core.wrapper import BaseCall
 from deltatune.tuners.weight_delta import (
-    CONTRACT_MODELS,
+    DENSE_CONTRACT_MODELS,
     DenseDelta,
     SharedProjectionConfig,
     check_positive_int,
@@ -133,6 +133,6 @@ SPEC = TunerSpec(
     connect=connect,
     file_keys=model_level_keys("pvera_A", "pvera_B"),
     paper="https://arxiv.org/abs/2512.07703",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 4, "d_initial": 0.5},),
 )

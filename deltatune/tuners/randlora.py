@@ -31,7 +31,7 @@ from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError
 from deltatune.core.registry import TunerSpec
 from deltatune.tuners.weight_delta import (
-    CONTRACT_MODELS,
+    DENSE_CONTRACT_MODELS,
     DenseDelta,
     SharedProjectionConfig,
     check_positive_int,
@@ -146,6 +146,6 @@ SPEC = TunerSpec(
     connect=connect,
     file_keys=model_level_keys("randlora_A", "randlora_B", per_layer=True),
     paper="https://arxiv.org/abs/2502.00987",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 4, "randlora_alpha": 8},),  # sparse bases: interop tests
 )

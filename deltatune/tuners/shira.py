@@ -28,7 +28,7 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, check_positive_int
+from deltatune.tuners.weight_delta import DENSE_CONTRACT_MODELS, DenseDelta, check_positive_int
 
 
 @dataclass(kw_only=True)
@@ -114,6 +114,6 @@ SPEC = TunerSpec(
     build=build,
     prepare=prepare,
     paper="https://arxiv.org/abs/2406.13175",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 1, "random_seed": 3},),
 )

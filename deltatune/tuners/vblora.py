@@ -30,7 +30,7 @@ from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
 from deltatune.tuners.weight_delta import (
-    CONTRACT_MODELS,
+    DENSE_CONTRACT_MODELS,
     DenseDelta,
     check_positive_int,
     check_probability,
@@ -146,6 +146,6 @@ SPEC = TunerSpec(
     file_keys=model_level_keys("vblora_vector_bank"),
     paper="https://arxiv.org/abs/2405.15179",
     identity_at_init=False,  # random logits mix a random bank, as in peft
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 2, "num_vectors": 8, "vector_length": 2, "topk": 2},),
 )

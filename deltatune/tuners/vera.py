@@ -29,7 +29,7 @@ from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError
 from deltatune.core.registry import TunerSpec
 from deltatune.tuners.weight_delta import (
-    CONTRACT_MODELS,
+    DENSE_CONTRACT_MODELS,
     DenseDelta,
     SharedProjectionConfig,
     check_positive_int,
@@ -114,6 +114,6 @@ SPEC = TunerSpec(
     connect=connect,
     file_keys=model_level_keys("vera_A", "vera_B"),
     paper="https://arxiv.org/abs/2310.11454",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"r": 4, "d_initial": 0.5},),  # save_projection=False: interop tests
 )

@@ -28,7 +28,13 @@ from torch import nn
 from deltatune.backends import LayerInfo
 from deltatune.core.config import ConfigError, TunerConfig
 from deltatune.core.registry import TunerSpec
-from deltatune.tuners.weight_delta import CONTRACT_MODELS, DenseDelta, check_positive_int, fit_per_layer, pattern_value
+from deltatune.tuners.weight_delta import (
+    DENSE_CONTRACT_MODELS,
+    DenseDelta,
+    check_positive_int,
+    fit_per_layer,
+    pattern_value,
+)
 
 
 @dataclass(kw_only=True)
@@ -138,6 +144,6 @@ SPEC = TunerSpec(
     build=build,
     prepare=prepare,
     paper="https://arxiv.org/abs/2505.12532",
-    contract_models=CONTRACT_MODELS,
+    contract_models=DENSE_CONTRACT_MODELS,
     example_configs=({"n_frequency": 12, "scaling": 5.0},),
 )

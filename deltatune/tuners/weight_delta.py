@@ -34,7 +34,11 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 CONTRACT_MODELS = ("conv", "llama", "gpt2")
 """Tiny models the contract matrix runs these tuners on: Conv1d/Conv2d (and a Linear head), a real
-decoder's Linear layers, GPT-2's transposed Conv1D."""
+decoder's Linear layers, GPT-2's transposed Conv1D (for tuners that read or rewrite the base weight
+in a way of their own)."""
+DENSE_CONTRACT_MODELS = ("conv", "llama")
+"""For tuners that only add a dense dW through DenseDelta: GPT-2's transposed layout is the shared
+merge path's (proven by the others), so these skip it to keep the matrix's time down."""
 
 
 def weight_shape(info: LayerInfo) -> tuple[int, ...]:
