@@ -7,6 +7,7 @@
     deltatune infer --model M --adapter OUT/adapter          # chat on a terminal; one prompt a line from a pipe
     deltatune eval --model M --adapter OUT/adapter --dataset D
     deltatune export --model M --adapter OUT/adapter --output-dir merged --merge
+    deltatune merge --model M --adapter a=A --adapter b=B --weights 0.7,0.3 --method ties --density 0.5 --output-dir OUT
     deltatune inspect --model M --tuner lora --tuner-args r=16,target_modules=all-linear
 
 Errors print one line (the problem and the fix) and exit with a status per kind of problem
@@ -66,6 +67,8 @@ _SFT_FLAGS: list[tuple[str, str, dict]] = [
     ("--num-samples", "num_samples", {"type": int}),
     ("--max-new-tokens", "max_new_tokens", {"type": int}),
     ("--trust-remote-code", "trust_remote_code", {"action": "store_true"}),
+    ("--distributed", "distributed", {"choices": ["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]}),
+    ("--accelerate-config", "accelerate_config", {"metavar": "FILE"}),
 ]
 
 
@@ -87,7 +90,7 @@ def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-_COMPUTING = ("sft", "rlhf", "infer", "eval", "export", "serve")  # commands that run the model: --threads, and the policy line
+_COMPUTING = ("sft", "rlhf", "infer", "eval", "export", "serve", "merge")  # commands that run the model: --threads, and the policy line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_export_flags(export)  # --to gguf/gguf-lora, --gguf-type, --ollama, --push-to-hub, --hub, --private, --dry-run
 
+    from deltatune.cli import merge as merge_command
+
+    merge_command.add_parser(sub)  # deltatune merge: adapter arithmetic (cli/merge.py)
+
     inspect = sub.add_parser("inspect", help="what a tuner would target and train, without loading weights")
     inspect.add_argument("--model", default="smollm2-135m-instruct", help="registry name, local folder or hub id")
     inspect.add_argument("--tuner", default="lora")
@@ -165,16 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model registry")
     datasets = sub.add_parser("datasets", help="list the dataset catalogue")
     datasets.add_argument("--offline", action="store_true", help="only data sets that work offline")
+    webui = sub.add_parser("webui", help="fine-tune, watch, chat, evaluate and export from a browser (Gradio)")
+    webui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    webui.add_argument("--port", type=int, default=7860)
+    webui.add_argument(
+        "--password", default=None,
+        help="required when --host is not this machine (or set DELTATUNE_WEBUI_PASSWORD); any user name",
+    )  # fmt: skip
+    webui.add_argument("--runs-dir", default="runs", help="folder for new runs, listed in the Runs tab")
     return parser
 
 
-RLHF_METHODS = ("dpo", "ipo", "orpo", "simpo", "cpo", "kto", "rm")
+RLHF_METHODS = ("dpo", "ipo", "orpo", "simpo", "cpo", "kto", "rm", "grpo")
 """`deltatune rlhf --method` values (each a task in deltatune/tasks/registry.py)."""
 
 
 def _add_rlhf_parser(sub, docs: dict) -> None:
     rlhf = sub.add_parser(
-        "rlhf", help="preference training (DPO, IPO, ORPO, SimPO, CPO, KTO) and reward models with an adapter",
+        "rlhf", help="preference and RL training (DPO, IPO, ORPO, SimPO, CPO, KTO, reward models, GRPO) with an adapter",
         argument_default=argparse.SUPPRESS,
         description="Preference training on the same engine as sft (exact resume, checkpoints, logs). With only "
         "--method dpo: SmolLM2-135M-Instruct + LoRA on the offline chatterbot-pref-en pairs.",
@@ -191,6 +206,8 @@ def _add_rlhf_parser(sub, docs: dict) -> None:
     rlhf.add_argument("--beta", dest="beta", type=float, help=docs.get("beta"))
     rlhf.add_argument("--loss-type", dest="loss_type", help=docs.get("loss_type"))
     rlhf.add_argument("--ref-adapter", dest="ref_adapter", metavar="FOLDER", help=docs.get("ref_adapter"))
+    rlhf.add_argument("--num-generations", dest="num_generations", type=int, help=docs.get("num_generations"))
+    rlhf.add_argument("--reward", dest="reward", help=docs.get("reward"))
     rlhf.add_argument("--method-args", dest="method_args", metavar="KEY=VALUE,...", help=docs.get("method_args"))
     _add_threads_flag(rlhf)
 
@@ -205,7 +222,7 @@ def rlhf_args(ns: argparse.Namespace) -> TrainArgs:
     args = sft_args(ns)
     explicit = set(given) | set(_config_keys(ns))
     if "dataset" not in explicit:
-        args.dataset = "chatterbot-kto-en" if args.task == "kto" else "chatterbot-pref-en"
+        args.dataset = {"kto": "chatterbot-kto-en", "grpo": "arithmetic-prompts"}.get(args.task, "chatterbot-pref-en")
     if "lr" not in explicit:
         args.lr = 5e-4
     return args

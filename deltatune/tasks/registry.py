@@ -24,6 +24,7 @@ TASKS: dict[str, str] = {
     "cpo": "deltatune.tasks.preference:CPOTask",
     "kto": "deltatune.tasks.kto:KTOTask",
     "rm": "deltatune.tasks.reward:RewardModelTask",
+    "grpo": "deltatune.tasks.grpo:GRPOTask",
     "image-to-text": "deltatune.tasks.image_to_text:ImageToTextTask",
 }
 

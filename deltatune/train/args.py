@@ -98,6 +98,12 @@ class TrainArgs:
     """Load the base in 4bit (NF4) or 8bit with bitsandbytes (QLoRA)."""
     trust_remote_code: bool = False
     """Allow a hub model's own Python code to run. Only the command-line flag turns it on."""
+    distributed: str | None = None
+    """Multi-process strategy under accelerate launch / torchrun: ddp, fsdp (FSDP2, adapters in their own units),
+    deepspeed-zero2 or deepspeed-zero3 (docs/distributed.md). Unset: ddp when launched on several processes."""
+    accelerate_config: str | None = None
+    """An `accelerate config` file whose distributed_type (MULTI_GPU, FSDP with fsdp_version 2, DEEPSPEED stage 2/3)
+    sets --distributed."""
     num_samples: int = 2
     """Held-out prompts answered before and after training (greedy)."""
     max_new_tokens: int = 40
@@ -118,9 +124,15 @@ class TrainArgs:
     ref_adapter: str | None = None
     """rlhf (dpo/ipo/kto): reference = this adapter folder, loaded frozen (e.g. the SFT adapter); default:
     the base model (the trained adapter disabled, no extra weights)."""
+    num_generations: int = 4
+    """rlhf grpo: completions sampled per prompt (a group; advantages are relative to its mean)."""
+    reward: str | None = None
+    """rlhf grpo: reward functions, comma-separated and summed: exact, format, length, or module.path:function
+    (default exact)."""
     method_args: dict[str, Any] = field(default_factory=dict)
     """rlhf: method constants KEY=VALUE,...: simpo_gamma (0.5), cpo_alpha (1.0), desirable_weight and
-    undesirable_weight (kto, 1.0)."""
+    undesirable_weight (kto, 1.0), center_rewards (rm, 0); grpo: max_completion_length (32), temperature (1.0),
+    epsilon (0.2), format_regex."""
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -161,6 +173,10 @@ class TrainArgs:
             raise ConfigError(f"tuner_args must be a mapping, got {type(self.tuner_args).__name__}")
         if self.report_to not in (None, "tensorboard", "wandb", "mlflow"):
             raise ConfigError(f"report_to must be tensorboard, wandb or mlflow, got {self.report_to!r}")
+        if self.distributed is not None:
+            from deltatune.train.distributed import check_mode
+
+            check_mode(self.distributed)
         if self.overwrite and self.resume:
             raise ConfigError("--resume and --overwrite exclude each other; pick one")
 

@@ -31,6 +31,7 @@ from deltatune.io.provenance import template_sha256
 from deltatune.tasks.base import TaskData, headline
 from deltatune.tasks.registry import get_task
 from deltatune.train import checkpoint as ckpt
+from deltatune.train import distributed as dist
 from deltatune.train.args import TrainArgs, stable_hash
 from deltatune.train.data import StepData, fingerprint
 from deltatune.train.errors import DivergedError, GradientCheckError, Interrupted, NothingToDo, ResumeError
@@ -96,7 +97,8 @@ def _accelerator(args: TrainArgs, out: Path):
     # Under torchrun without GPUs accelerate only forms a (gloo) process group when told to use the CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     trackers = {"log_with": args.report_to, "project_dir": str(out / "runs")} if args.report_to else {}
-    return Accelerator(mixed_precision=mixed, cpu=multi_cpu, **trackers)
+    plugins = dist.accelerator_kwargs(dist.resolve_mode(args), args)  # DeepSpeed ZeRO: its plugin
+    return Accelerator(mixed_precision=mixed, cpu=multi_cpu, **trackers, **plugins)
 
 
 def train(
@@ -131,6 +133,7 @@ def train(
     check_tracker(args.report_to)
     accelerator = _accelerator(args, out)
     is_main = accelerator.is_main_process
+    sharded = dist.resolve_mode(args) == "fsdp" and accelerator.num_processes > 1  # FSDP2: collective forwards
     say = log if is_main else (lambda *_: None)
     lock = RunLock(out).acquire() if is_main else None
     try:
@@ -182,7 +185,10 @@ def train(
                         f"cannot resume {found[0]}: the structural config changed ({'; '.join(changes)}); "
                         "restore those settings or start a new run with --overwrite / another --output-dir"
                     )
-                if found[1].get("data_fingerprint") != data_fp:
+                if found[1].get("data_fingerprint") != data_fp and not dist.remapped(
+                    saved_args.get("layout", {}), layout, found[1].get("data_fingerprint"),
+                    lambda old: fingerprint(data.train, {"seed": args.seed, **old}), say,
+                ):  # fmt: skip
                     old_layout = saved_args.get("layout", {})
                     extra = "; ".join(diff(old_layout, layout)) or "same batch layout, different rows/tokens"
                     raise ResumeError(
@@ -227,6 +233,11 @@ def train(
         if args.gradient_checkpointing:
             tuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             tuned.enable_input_require_grads()  # so reentrant variants also reach the adapters
+        dist.record_shapes(tuned, tuned.active_adapters[0])  # every adapter save is checked against these
+        if sharded:
+            units = dist.shard_fsdp2(tuned, accelerator.device, accelerator.num_processes, args.dtype)
+            say(f"FSDP2 over {accelerator.num_processes} processes: {units['adapter']} adapter units, "
+                f"{units['block']} blocks (frozen weights only), root")  # fmt: skip
         named = trainable_parameters(tuned)
         param_names = [n for n, _ in named]
         optimizer = build_optimizer(
@@ -244,14 +255,17 @@ def train(
         say(f"{args.tuner} on {len(adapter.targets)} modules{saved}")
         say(f"trainable params: {trainable:,d} of {all_params:,d} ({100 * trainable / all_params:.3f}%)")
         tuned.to(accelerator.device)
-        prepared, optimizer = accelerator.prepare(tuned, optimizer)
+        if sharded:  # already FSDP2-sharded: accelerate must not wrap it (in DDP) again
+            prepared, optimizer = tuned, accelerator.prepare(optimizer)
+        else:
+            prepared, optimizer = accelerator.prepare(tuned, optimizer)
         device = accelerator.device
 
         result = TrainResult(output_dir=out, adapter_dir=out / "adapter", steps=start_step, resumed_from=start_step)
         result.is_main_process = is_main
         if found is None:
-            result.eval_before = task.evaluate(tuned, data, args, device) if is_main else None
-            before = _samples(task, tuned, data, args, device) if is_main else []
+            result.eval_before = task.evaluate(tuned, data, args, device) if is_main or sharded else None
+            before = _samples(task, tuned, data, args, device) if is_main or sharded else []
             if result.eval_before and is_main:
                 metrics.write({"event": "eval", "step": 0, **result.eval_before})
             if is_main and before:
@@ -291,7 +305,10 @@ def train(
                         accelerator.backward(part / max(global_units, 1) * accelerator.num_processes)
                     loss_sum += part.detach().float()
                 loss = float(accelerator.reduce(loss_sum, "sum")) / max(global_units, 1)
-                grad_norm = _clip(accelerator, [p for _, p in named], args.max_grad_norm)
+                if sharded:
+                    grad_norm = dist.clip_grad_norm([p for _, p in named], args.max_grad_norm)
+                else:
+                    grad_norm = _clip(accelerator, [p for _, p in named], args.max_grad_norm)
                 number = step + 1
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 if not finite:  # skip the update: parameters stay finite, so checkpoints stay clean
@@ -304,7 +321,7 @@ def train(
                             "state. Lower --lr, use --dtype fp32/bf16, or check the data"
                         )
                 elif pending_grad_check:
-                    pending_grad_check -= {n for n, p in named if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+                    pending_grad_check -= {n for n, p in named if p.grad is not None and dist.grad_is_nonzero(p)}
                     if pending_grad_check and number >= min(args.grad_check_steps, total) and number >= 2:
                         missing = sorted(pending_grad_check)
                         raise GradientCheckError(
@@ -324,6 +341,8 @@ def train(
                 record = {"event": "train", "step": number, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           kind: size, f"{kind}_per_s": size / max(elapsed, 1e-9), "epoch": cursor.epoch,
                           "seconds": elapsed}  # fmt: skip
+                if hasattr(task, "step_metrics"):  # the task's own numbers of this step (e.g. grpo's mean reward)
+                    record.update(task.step_metrics())
                 result.losses.append(loss)
                 if is_main:
                     metrics.write(record)
@@ -333,13 +352,16 @@ def train(
                     progress.update(1)
                 result.steps = number
                 maybe_fault("after_step", number)
-                if args.eval_steps and number % args.eval_steps == 0 and number < total and data.val and is_main:
-                    metrics.write({"event": "eval", "step": number, **task.evaluate(tuned, data, args, device)})
+                if args.eval_steps and number % args.eval_steps == 0 and number < total and data.val and (is_main or sharded):
+                    scores = task.evaluate(tuned, data, args, device)
+                    if is_main:
+                        metrics.write({"event": "eval", "step": number, **scores})
                 if number % args.save_steps == 0 or number == total or stop["signal"]:
                     accelerator.wait_for_everyone()
-                    if is_main:
-                        _save(checkpoints, number, tuned, optimizer, param_names, steps, total, args, shape, layout,
-                              config_hash, data_fp, accelerator)  # fmt: skip
+                    with dist.full_view(tuned, optimizer, sharded) as full_optimizer:  # gathered on every rank
+                        if is_main:
+                            _save(checkpoints, number, tuned, full_optimizer, param_names, steps, total, args, shape,
+                                  layout, config_hash, data_fp, accelerator)  # fmt: skip
                     accelerator.wait_for_everyone()
                     maybe_fault("after_save", number)
                 if stop["signal"]:
@@ -354,21 +376,25 @@ def train(
             _restore_signal_handlers(previous)
 
         # -- after ----------------------------------------------------------------------------------
-        if is_main:
-            result.eval_after = task.evaluate(tuned, data, args, device)
-            if result.eval_after:
-                metrics.write({"event": "eval", "step": total, **result.eval_after})
-                say(headline(result.eval_after, "after"))
-            after = _samples(task, tuned, data, args, device)
-            for a, b in zip(before, after):
-                result.samples.append({"prompt": a["prompt"], "reference": a.get("reference", ""),
-                                       "before": a["output"], "after": b["output"]})  # fmt: skip
-            _save_adapter(tuned, out / "adapter")
-            if hasattr(task, "finish"):
-                task.finish(tuned, out, data, args, say)
-            if args.plot:
-                result.plot = plot_losses(metrics.read(), out / "loss.png")
-            result.losses = [loss for _, loss in metrics.train_losses()]
+        # A sharded model's forwards are collective: every rank evaluates, the main process reports;
+        # its adapter is gathered on every rank (full_view) and written by the main process.
+        shared = (task.evaluate(tuned, data, args, device), _samples(task, tuned, data, args, device)) if sharded else None
+        with dist.full_view(tuned, None, sharded):
+            if is_main:
+                result.eval_after = shared[0] if shared else task.evaluate(tuned, data, args, device)
+                if result.eval_after:
+                    metrics.write({"event": "eval", "step": total, **result.eval_after})
+                    say(headline(result.eval_after, "after"))
+                after = shared[1] if shared else _samples(task, tuned, data, args, device)
+                for a, b in zip(before, after):
+                    result.samples.append({"prompt": a["prompt"], "reference": a.get("reference", ""),
+                                           "before": a["output"], "after": b["output"]})  # fmt: skip
+                _save_adapter(tuned, out / "adapter")
+                if hasattr(task, "finish"):
+                    task.finish(tuned, out, data, args, say)
+                if args.plot:
+                    result.plot = plot_losses(metrics.read(), out / "loss.png")
+                result.losses = [loss for _, loss in metrics.train_losses()]
         accelerator.wait_for_everyone()
         if args.report_to:
             metrics.close()
@@ -481,6 +507,7 @@ def _save(root: Path, step: int, tuned: TunedModel, optimizer, param_names: list
     """One checkpoint; refuses to save a non-finite adapter."""
     adapter_name = tuned.active_adapters[0]
     state = tuned.adapter_state_dict(adapter_name)
+    dist.check_saveable(state, dist.recorded_shapes(tuned), f"checkpoint step-{step}")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise DivergedError(f"adapter tensors became non-finite at step {step} (e.g. {bad[0]}); not checkpointing them")
@@ -502,7 +529,8 @@ def _save(root: Path, step: int, tuned: TunedModel, optimizer, param_names: list
         ckpt.write_json(folder / "train_args.json", {"args": _jsonable(args), "structural": shape, "layout": layout})
         maybe_fault("in_save", step)
 
-    meta = {"config_hash": config_hash, "data_fingerprint": data_fp}
+    meta = {"config_hash": config_hash, "data_fingerprint": data_fp, "world_size": accelerator.num_processes,
+            "distributed": dist.resolve_mode(args) or ("ddp" if accelerator.num_processes > 1 else None)}  # fmt: skip
     return ckpt.save_checkpoint(root, step, write, meta, keep=args.save_total_limit)
 
 
@@ -510,9 +538,11 @@ def _restore(folder: Path, tuned: TunedModel, optimizer, param_names: list[str],
     from deltatune.io.peft_format import read_tensors
 
     state = ckpt.read_json(folder / "trainer_state.json")
-    tuned.load_adapter_state_dict(state["adapter_name"], read_tensors(folder / "adapter"), source=str(folder))
+    with dist.full_view(tuned):  # sharded (FSDP2): loaded full, scattered into the shards on leaving
+        tuned.load_adapter_state_dict(state["adapter_name"], read_tensors(folder / "adapter"), source=str(folder))
     tensors = ckpt.load_tensors(folder / "optimizer.safetensors")
     ckpt.optimizer_from_files(optimizer, tensors, ckpt.read_json(folder / "optimizer.json"), param_names)
+    dist.reshard_optimizer_state(optimizer)  # full tensors of any world size -> this run's shards
     ckpt.set_rng_state(state["rng"])
     if state.get("scaler") and getattr(accelerator, "scaler", None) is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
@@ -520,4 +550,6 @@ def _restore(folder: Path, tuned: TunedModel, optimizer, param_names: list[str],
 
 def _save_adapter(tuned: TunedModel, final: Path) -> None:
     """The final PEFT-format adapter, written beside and renamed into place (a failed write cleans up)."""
+    state = tuned.adapter_state_dict(tuned.active_adapters[0])
+    dist.check_saveable(state, dist.recorded_shapes(tuned), f"adapter {final}")
     save_final_adapter(tuned, final)

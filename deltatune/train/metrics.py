@@ -47,7 +47,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
-    evals = [(r["step"], r["loss"]) for r in records if r.get("event") == "eval"]
+    evals = [(r["step"], r["loss"]) for r in records if r.get("event") == "eval" and "loss" in r]  # grpo evals: reward only
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         steps, losses = zip(*train)

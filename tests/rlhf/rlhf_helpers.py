@@ -26,3 +26,8 @@ def preference_rows(n: int = 64, seed: int = 0) -> list[dict]:
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def letter_e(completions: list[str], answers: list) -> list[float]:
+    """A dense test reward on a random tiny model: the share of characters that are 'e'."""
+    return [c.count("e") / max(len(c), 1) for c in completions]
