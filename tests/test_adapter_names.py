@@ -49,7 +49,7 @@ def _alone(tiny, tuned, inputs, name):
 @pytest.mark.parametrize(("spec", "example", "tiny"), CASES)
 def test_each_row_equals_its_adapter_alone(spec, example, tiny):
     config = contract.make_config(spec, example, tiny)
-    tuned = _two_adapters(tiny, config)
+    tuned = _two_adapters(tiny, config, scale=0.3)  # the two adapters' outputs well apart, so equality means something
     inputs = tiny.make_inputs(0)
     batch = _batch(inputs)
     pattern = ["second", "__base__", "default"] if spec.kind != "input" and batch >= 3 else ["second", "default"]
