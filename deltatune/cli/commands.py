@@ -158,6 +158,12 @@ def run_eval(ns) -> int:
     return 0
 
 
+def run_merge(ns) -> int:  # deltatune merge (cli/merge.py)
+    from deltatune.cli.merge import run_merge as merge
+
+    return merge(ns)
+
+
 # -- export -----------------------------------------------------------------------------------------
 def run_export(ns) -> int:
     if getattr(ns, "for_server", None) == "vllm":

@@ -370,6 +370,24 @@ class TunedModel(nn.Module):
             for name, adapters in merged.items():
                 self.model.get_submodule(name).merge(adapters)
 
+    # -- adapter arithmetic (deltatune/core/arithmetic.py) -------------------------------------------
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str | None = None,
+        svd_rank: int | None = None, svd_clamp: float | None = None, svd_full_matrices: bool = True,
+        svd_driver: str | None = None, density: float | None = None, majority_sign_method: str = "total",
+        *, seed: int = 0,
+    ) -> None:  # fmt: skip
+        """peft's add_weighted_adapter: a new (inactive) adapter combining LoRA (or (IA)^3) adapters.
+        combination_type (LoRA; default "svd"): linear, cat, svd, ties, ties_svd, dare_linear, dare_ties,
+        dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd; DARE draws from a private
+        generator seeded with `seed` (deterministic). (IA)^3 combines linearly. See core/arithmetic.py."""
+        from deltatune.core import arithmetic
+
+        arithmetic.add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
+            svd_driver, density, majority_sign_method, seed,
+        )  # fmt: skip
+
     # -- merge -----------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = True) -> None:
         """Fold adapters (default: the active ones) into the base weights; undo with unmerge_adapter.
