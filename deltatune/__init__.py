@@ -54,6 +54,7 @@ from deltatune.tuners.road import RoadConfig
 from deltatune.tuners.shira import ShiraConfig
 from deltatune.tuners.side_tuning import SideTuningConfig
 from deltatune.tuners.supertuning import SupertuningConfig
+from deltatune.tuners.unilora import UniLoraConfig
 from deltatune.tuners.vblora import VBLoRAConfig
 from deltatune.tuners.vera import VeraConfig
 from deltatune.tuners.waveft import WaveFTConfig
@@ -113,6 +114,7 @@ __all__ = [
     "prepare_for_kbit_training",
     "prepare_model_for_kbit_training",
     "register",
+    "UniLoraConfig",
     "VBLoRAConfig",
     "VeraConfig",
     "WaveFTConfig",

@@ -79,6 +79,8 @@ METHODS = {
         "GloraConfig", {"r": 2, "config_A_B": "vector", "config_C": "vector", "config_D_E": "vector"},
         {"bert": ["query", "value"]},  # layers with biases: every slot in use
     ),
+    "unilora": ("UniLoraConfig", {"r": 2, "theta_d_length": 32, "proj_seed": 3}, {"llama": LLAMA}),
+    "unilora-saved": ("UniLoraConfig", {"r": 2, "theta_d_length": 20, "save_indices": True}, {"llama": LLAMA}),
 }  # fmt: skip
 # peft's unmerged forward on these differs from its own merge (OFT on k > 1 convolutions rotates unfolded
 # input patches); deltatune computes the merged form, so these compare with peft's merged model

@@ -26,7 +26,6 @@ NOT_IMPLEMENTED = {
     "ADAMSS": TODO + ": subspace adaptation with an importance schedule driven by a training callback",
     "LILY": TODO + ": low-rank experts shared across layers (stride_A) with data-dependent routing",
     "FROD": TODO,
-    "UNILORA": TODO + ": one parameter vector indexed from every layer by a global, seeded assignment",
     "OSF": TODO + ": SVD split of each weight with gradient-projection hooks on the trained part",
     "TINYLORA": TODO,
     "PSOFT": TODO,

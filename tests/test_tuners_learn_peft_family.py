@@ -37,6 +37,7 @@ METHODS = {
     "deft": ({"r": 4, "alpha": 4}, 2e-2),
     "supertuning": ({"sparsity": 0.9}, 5e-2),
     "glora": ({"r": 4}, 2e-2),
+    "unilora": ({"r": 4, "theta_d_length": 256}, 5e-2),
     "hra": ({"r": 8}, 5e-2, 0.15),  # reflections only, like OFT
     "boft": ({"boft_block_size": 4, "boft_n_butterfly_factor": 2}, 1e-1),
 }

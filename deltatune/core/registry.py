@@ -55,6 +55,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.supertuning",
     "deltatune.tuners.glora",
     "deltatune.tuners.cartridge",
+    "deltatune.tuners.unilora",
 )
 
 
