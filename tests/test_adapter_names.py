@@ -124,3 +124,19 @@ def test_merged_adapters_refuse_rows_and_virtual_tokens_refuse_base_rows():
     prompt = _lm_case("prompt_tuning", {"num_virtual_tokens": 3})
     with pytest.raises(ConfigError, match="cannot share a batch"):
         prompt(input_ids=ids, adapter_names=["default", "__base__"])
+
+
+def test_beam_search_expands_each_rows_adapter():
+    tuned = _lm_case("lora", {"r": 4, "lora_alpha": 8})
+    with torch.no_grad():
+        tuned.get_base_model().lm_head.weight.mul_(30)
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        mixed = tuned.generate(input_ids=ids, adapter_names=["second", "default"], **kwargs)
+        tuned.set_adapter("second")
+        second = tuned.generate(input_ids=ids, **kwargs)
+        tuned.set_adapter("default")
+        default = tuned.generate(input_ids=ids, **kwargs)
+    assert not torch.equal(second, default)
+    assert torch.equal(mixed[0], second[0]) and torch.equal(mixed[1], default[1])
