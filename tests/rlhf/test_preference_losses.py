@@ -157,3 +157,45 @@ def test_our_side_takes_the_chunked_path(setup, monkeypatch):
     monkeypatch.setattr(sequence_logps._FusedTokenLogps, "apply", lambda *a: calls.append(1) or original(*a))
     _our_loss(setup, "dpo")
     assert len(calls) == 2  # policy and reference, one forward each for chosen + rejected
+
+
+def test_ref_adapter_equals_trl_reference_copy(setup, tmp_path):
+    """--ref-adapter: TRL given a PeftModel with a trained adapter keeps a frozen copy ("ref") as the
+    reference; ours loads the same weights from the adapter folder. Then the policy moves on."""
+    from train_helpers import build_model, build_tokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(3)
+    start = peft.get_peft_model(build_model(len(tokenizer)), peft.LoraConfig(**LORA))
+    with torch.no_grad():
+        for name, p in start.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    start.save_pretrained(tmp_path / "sft")
+    config = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no", beta=0.5,
+                       max_length=48, disable_tqdm=True)  # fmt: skip
+    trainer = DPOTrainer(model=start, args=config, train_dataset=setup.trainer.train_dataset, processing_class=tokenizer)
+    policy = trainer.model
+    assert "ref" in policy.peft_config
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name and ".default." in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    policy.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(policy, setup.batch, False)
+    loss.backward()
+    theirs = (float(loss.detach()), _grads(policy))
+
+    ours = dt.get_tuned_model(build_model(len(tokenizer)), dt.LoraConfig(**LORA))
+    state = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(policy).items()}
+    ours.load_adapter_state_dict("default", state)
+    task = get_task("dpo")
+    task.check_args(SimpleNamespace(packing=False, ref_adapter=str(tmp_path / "sft"), method_args={}, beta=0.5,
+                                    loss_type=None))  # fmt: skip
+    total = task.loss_sum(ours, setup.our_batch) / task.units(setup.our_batch)
+    total.backward()
+    mine = (float(total.detach()), _grads(ours))
+    assert ours.active_adapters == ["default"] and "reference" in ours.adapters
+    _compare(mine, theirs)
+    assert theirs[0] != pytest.approx(0.6931, abs=1e-3)  # the policy differs from its reference

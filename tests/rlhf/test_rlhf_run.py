@@ -67,6 +67,7 @@ def reference(assets, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_dpo_sigkill_then_resume_is_bit_identical(assets, tmp_path, reference):
     out = tmp_path / "run"
     killed = run(assets, out, "--beta", "0.2", "--loss-type", "sigmoid", fault="kill@after_step:3")
