@@ -25,10 +25,10 @@ NOT_IMPLEMENTED = {
     # newer methods whose structure goes beyond a per-layer delta
     "ADAMSS": TODO + ": subspace adaptation with an importance schedule driven by a training callback",
     "LILY": TODO + ": low-rank experts shared across layers (stride_A) with data-dependent routing",
-    "FROD": TODO,
+    "FROD": TODO + ": its setup pass over the base weights (sparse_rate, regularization_alpha) is not ported",
     "OSF": TODO + ": SVD split of each weight with gradient-projection hooks on the trained part",
-    "TINYLORA": TODO,
-    "PSOFT": TODO,
+    "TINYLORA": TODO + ": SVD factors per layer, seeded projections and trained vectors tied across layer groups",
+    "PSOFT": TODO + ": an orthogonal r x r transform between SVD-initialised frozen factors",
     "SHADOW": TODO + ": a parallel shadow network riding the decoder loop (block-level, not a layer delta)",
 }
 
