@@ -68,7 +68,9 @@ class ChatModel:
         self.adapters[name] = folder
         return name
 
-    def stream(self, model_id: str, adapter_dirs: list[str], prompt: str, max_new_tokens: int = 32) -> Iterator[list[str]]:
+    def stream(
+        self, model_id: str, adapter_dirs: list[str], prompt: str, max_new_tokens: int = 32
+    ) -> Iterator[list[str]]:
         """Yield the answers so far, one per column: the base, then each adapter in order."""
         import torch
 
@@ -76,7 +78,9 @@ class ChatModel:
             self.load(model_id)
             names = [BASE] + [self.adapter(a) for a in adapter_dirs]
             tok = self.tokenizer
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
             enc = tok([text] * len(names), return_tensors="pt", add_special_tokens=False)  # same prompt: no padding
             streamer = _RowStreamer()
             errors: list[BaseException] = []

@@ -49,7 +49,11 @@ def tuner_fields(tuner: str) -> list[list[str]]:
     for f in fields(config):
         if f.name in skipped or not f.init:
             continue
-        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+        default = (
+            f.default
+            if f.default is not MISSING
+            else (f.default_factory() if f.default_factory is not MISSING else None)
+        )
         rows.append([f.name, _text(default), " ".join(docs.get(f.name, "").split())])
     return rows
 
@@ -107,7 +111,9 @@ def resume_argv(run_dir: Path) -> list[str]:
 
     saved = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))["args"]
     defaults = {f.name: getattr(TrainArgs(), f.name) for f in fields(TrainArgs)}
-    changed = {k: v for k, v in saved.items() if k in ("model", "dataset", "output_dir", "max_steps") or v != defaults.get(k)}
+    changed = {
+        k: v for k, v in saved.items() if k in ("model", "dataset", "output_dir", "max_steps") or v != defaults.get(k)
+    }
     changed.update(output_dir=str(run_dir), resume=True, overwrite=False)
     if changed.get("max_steps") is None:
         changed.pop("max_steps", None)
@@ -241,13 +247,17 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         saved = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["args"]
     except (OSError, ValueError, KeyError):
         saved = {}
-    latest = ckpt.find_latest(run_dir / "checkpoints", log=lambda *_: None) if (run_dir / "checkpoints").is_dir() else None
+    latest = (
+        ckpt.find_latest(run_dir / "checkpoints", log=lambda *_: None) if (run_dir / "checkpoints").is_dir() else None
+    )
     step = latest[1]["step"] if latest else 0
     losses = [r["loss"] for r in read_logs(run_dir) if r.get("event") == "train"]
     if _lock_holder_alive(run_dir):
         status = "running"
-    elif (run_dir / "adapter" / "adapter_config.json").exists() and latest is not None and (
-        saved.get("max_steps") is None or step >= saved["max_steps"]
+    elif (
+        (run_dir / "adapter" / "adapter_config.json").exists()
+        and latest is not None
+        and (saved.get("max_steps") is None or step >= saved["max_steps"])
     ):
         status = "finished"
     elif latest is not None:

@@ -40,7 +40,9 @@ def browser():
         from playwright import sync_api
     else:
         pytest.importorskip("gradio", reason="Gradio is not installed (pip install -e '.[test]')")
-        sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]')")
+        sync_api = pytest.importorskip(
+            "playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]')"
+        )
     if not os.path.exists(CHROMIUM):
         reason = f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)"
         if os.environ.get("DELTATUNE_REQUIRE_BROWSER") == "1":  # CI: the browser test must run

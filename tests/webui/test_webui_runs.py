@@ -1,0 +1,79 @@
+"""The web UI's command lines and run folders, without a browser: the shown command parses back to the
+form's values through the CLI's own parser, a SIGTERMed run is listed as resumable and its resume
+command (rebuilt from run.json) continues it, tuner fields carry their docstrings, and a public bind
+needs a password."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+
+from train_helpers import make_assets, sft_flags  # noqa: E402
+
+from deltatune.cli.main import build_parser, main, sft_args  # noqa: E402
+from deltatune.webui import runs  # noqa: E402
+
+
+def test_shown_command_parses_to_the_form_values():
+    form = {"model": "tiny", "dataset": "my data.jsonl", "task": "causal-lm", "tuner": "lora", "max_steps": 7,
+            "tuner_args": "r=4,target_modules=[q_proj,v_proj]", "lr": 0.01, "val_size": 16.0, "output_dir": "out",
+            "overwrite": True, "packing": False}  # fmt: skip
+    argv = runs.sft_argv(form)
+    assert runs.shown(argv).startswith(
+        "deltatune sft --max-steps 7 --task causal-lm --model tiny --dataset 'my data.jsonl'"
+    )
+    args = sft_args(build_parser().parse_args(argv))
+    assert (args.model, args.dataset, args.max_steps, args.lr, args.val_size, args.output_dir) == (
+        "tiny",
+        "my data.jsonl",
+        7,
+        0.01,
+        16.0,
+        "out",
+    )
+    assert args.tuner_args["r"] == 4 and args.tuner_args["target_modules"] == ["q_proj", "v_proj"]
+    assert args.overwrite and args.packing is False
+
+
+def test_tuner_fields_have_docstrings_and_only_changes_become_tuner_args():
+    rows = runs.tuner_fields("lora")
+    by_name = {name: (default, help_) for name, default, help_ in rows}
+    assert by_name["r"][0] == "8" and "Rank of the update" in by_name["r"][1]
+    assert "target_modules" in by_name
+    edited = [[n, "16" if n == "r" else d, h] for n, d, h in rows]
+    assert runs.tuner_args(edited, "lora", "target_modules=[q_proj]") == "r=16,target_modules=[q_proj]"
+    assert runs.tuner_args(rows, "lora") == ""
+
+
+def test_public_bind_needs_a_password():
+    from deltatune.core.config import ConfigError
+    from deltatune.webui.app import check_bind
+
+    check_bind("127.0.0.1", None)
+    check_bind("0.0.0.0", "secret")
+    with pytest.raises(ConfigError, match="--password"):
+        check_bind("0.0.0.0", None)
+    assert main(["webui", "--host", "0.0.0.0"]) == 4
+
+
+def test_interrupted_run_is_resumable_and_its_resume_command_finishes_it(tmp_path, monkeypatch, capsys):
+    import torch
+
+    torch.set_num_threads(1)
+    model_dir, data = make_assets(tmp_path)
+    out = tmp_path / "runs" / "a"
+    monkeypatch.setenv("DELTATUNE_FAULT", "term@after_step:2")
+    assert main(sft_flags(model_dir, data, out)) == 10  # SIGTERM: checkpoint at step 2, exit 10
+    monkeypatch.delenv("DELTATUNE_FAULT")
+    [listed] = runs.list_runs(tmp_path / "runs")
+    assert listed["status"] == "interrupted (resumable)" and listed["step"] == 2 and listed["max_steps"] == 6
+    argv = runs.resume_argv(out)
+    assert "--resume" in argv and argv[argv.index("--output-dir") + 1] == str(out)
+    assert main(argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert runs.run_status(out)["status"] == "finished" and runs.run_status(out)["step"] == 6
+    assert [r["step"] for r in runs.read_logs(out) if r.get("event") == "train"] == [1, 2, 3, 4, 5, 6]
