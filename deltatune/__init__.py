@@ -7,6 +7,7 @@ from deltatune.runtime import prefer_passive_waiting
 prefer_passive_waiting()  # before torch loads OpenMP: idle threads sleep instead of spinning (deltatune/runtime.py)
 
 from deltatune.core.config import ConfigError, TunerConfig
+from deltatune.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap  # peft.utils.hotswap
 from deltatune.core.peft_api import (  # peft's names
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -108,6 +109,8 @@ __all__ = [
     "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "hotswap_adapter",
+    "prepare_model_for_compiled_hotswap",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "get_tuned_model",

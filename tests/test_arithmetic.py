@@ -75,7 +75,9 @@ def test_cat_and_svd_of_unequal_ranks_equal_peft(tmp_path, monkeypatch):
     theirs, ours = _peft_pair(tmp_path, ranks=(4, 2), targets=("q_proj", "down_proj"))
     for method, extra in (("cat", {}), ("svd", {"svd_rank": 3}), ("dare_ties_svd", {"density": 0.6})):
         expected = _peft_combine(theirs, monkeypatch, method, combination_type=method, **extra)
-        torch.testing.assert_close(_ours(ours, method, combination_type=method, **extra), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            _ours(ours, method, combination_type=method, **extra), expected, atol=1e-4, rtol=1e-4
+        )
     with pytest.raises(dt.ConfigError, match="equal rank"):
         ours.add_weighted_adapter(["one", "two"], WEIGHTS, "x", combination_type="ties", density=0.5)
 

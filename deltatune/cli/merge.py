@@ -17,14 +17,18 @@ from deltatune.core.config import ConfigError
 
 def add_parser(sub) -> None:
     merge = sub.add_parser("merge", help="combine adapters into one (linear, cat, svd, ties, dare_*, ...)")
-    merge.add_argument("--model", required=True, help="base model the adapters were trained on (registry name, folder, hub id)")
+    merge.add_argument(
+        "--model", required=True, help="base model the adapters were trained on (registry name, folder, hub id)"
+    )
     merge.add_argument(
         "--adapter", action="append", required=True, metavar="NAME=PATH",
         help="an adapter folder (PEFT format), optionally named; give it once per adapter",
     )  # fmt: skip
     merge.add_argument("--weights", help="one weight per adapter, comma separated (default: 1 each)")
     merge.add_argument(
-        "--method", choices=COMBINATION_TYPES, help="combination type, peft's names (default: svd for LoRA, linear for (IA)^3)"
+        "--method",
+        choices=COMBINATION_TYPES,
+        help="combination type, peft's names (default: svd for LoRA, linear for (IA)^3)",
     )
     merge.add_argument("--density", type=float, help="fraction of entries kept by ties / dare_* / magnitude_prune")
     merge.add_argument("--svd-rank", type=int, help="rank of the result for the *svd methods (default: largest rank)")
@@ -59,7 +63,9 @@ def _weights(text: str | None, count: int) -> list[float]:
     except ValueError:
         raise ConfigError(f"--weights {text!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
     if len(weights) != count:
-        raise ConfigError(f"--weights has {len(weights)} value(s) for {count} --adapter(s); give one weight per adapter")
+        raise ConfigError(
+            f"--weights has {len(weights)} value(s) for {count} --adapter(s); give one weight per adapter"
+        )
     return weights
 
 
@@ -91,5 +97,7 @@ def run_merge(ns: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     rank = tuned.adapters["default"].config.r
     parts = ", ".join(f"{w:g} x {label}" for w, (label, _) in zip(weights, adapters))
-    print(f"wrote {ns.method or 'default'} merge of {parts} (r={rank}) to {out}: PEFT adapter (load with deltatune or peft)")
+    print(
+        f"wrote {ns.method or 'default'} merge of {parts} (r={rank}) to {out}: PEFT adapter (load with deltatune or peft)"
+    )
     return 0

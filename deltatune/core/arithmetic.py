@@ -51,7 +51,9 @@ def prune_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return tensor * mask.reshape(tensor.shape)
 
 
-def prune_random(tensor: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
+def prune_random(
+    tensor: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True
+) -> torch.Tensor:
     """Keep each entry with probability `density` (Bernoulli), divided by density when `rescale` (DARE)."""
     if density >= 1:
         return tensor
@@ -186,7 +188,9 @@ def add_weighted_adapter(
     configs = [tuned.adapters[name].config for name in adapters]
     if tuner == "ia3":
         if combination_type not in (None, "linear"):
-            raise ConfigError(f"(IA)^3 adapters combine linearly only (as in peft); drop combination_type={combination_type!r}")
+            raise ConfigError(
+                f"(IA)^3 adapters combine linearly only (as in peft); drop combination_type={combination_type!r}"
+            )
         config = configs[0].replace(
             target_modules=_union([c.target_modules for c in configs]),
             feedforward_modules=_union([c.feedforward_modules for c in configs]),
@@ -212,9 +216,13 @@ def add_weighted_adapter(
         method = "linear"  # peft: one adapter can only be scaled
     base = "linear" if method == "svd" else method.removesuffix("_svd")
     if base in NEEDS_DENSITY and (not isinstance(density, (int, float)) or not 0 < density <= 1):
-        raise ConfigError(f"combination_type={method!r} needs density in (0, 1] (the fraction of entries kept); got {density!r}")
+        raise ConfigError(
+            f"combination_type={method!r} needs density in (0, 1] (the fraction of entries kept); got {density!r}"
+        )
     if any(c.use_dora for c in configs):
-        raise ConfigError("add_weighted_adapter cannot combine DoRA adapters (the magnitude vectors have no combination); use plain LoRA")
+        raise ConfigError(
+            "add_weighted_adapter cannot combine DoRA adapters (the magnitude vectors have no combination); use plain LoRA"
+        )
     ranks = [_rank_of(c) for c in configs]
     if method in FACTOR_METHODS:
         if len(set(ranks)) != 1:

@@ -60,7 +60,17 @@ def test_merge_writes_the_combined_adapter(two_adapters, tmp_path, capsys):
 
 def test_merge_bad_input_is_one_line(two_adapters, tmp_path, capsys):
     model_dir, (a, b) = two_adapters
-    base = ["merge", "--model", str(model_dir), "--adapter", str(a), "--adapter", str(b), "--output-dir", str(tmp_path / "o")]
+    base = [
+        "merge",
+        "--model",
+        str(model_dir),
+        "--adapter",
+        str(a),
+        "--adapter",
+        str(b),
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
     assert main([*base, "--weights", "0.7"]) != 0
     assert "one weight per adapter" in capsys.readouterr().err
     assert main([*base, "--method", "ties"]) != 0
