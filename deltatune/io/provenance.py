@@ -38,7 +38,9 @@ def template_sha256(template: str | None) -> str | None:
 def _weight(module: Any) -> torch.Tensor | None:
     base = getattr(module, "base_layer", None) or getattr(module, "original_module", None) or module
     weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.numel() and not weight.is_meta:
+    sharded = hasattr(weight, "device_mesh")  # an FSDP2 shard: the trainer fingerprints the base before sharding
+    usable = isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.numel()
+    if usable and not (weight.is_meta or sharded):
         return weight
     return None
 

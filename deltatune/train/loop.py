@@ -237,7 +237,7 @@ def train(
         if sharded:
             units = dist.shard_fsdp2(tuned, accelerator.device, accelerator.num_processes, args.dtype)
             say(f"FSDP2 over {accelerator.num_processes} processes: {units['adapter']} adapter units, "
-                f"{units['block']} blocks (frozen weights only), root")  # fmt: skip
+                f"{units['block']} blocks and {units['other']} other modules (frozen weights only)")  # fmt: skip
         named = trainable_parameters(tuned)
         param_names = [n for n, _ in named]
         optimizer = build_optimizer(
@@ -352,7 +352,8 @@ def train(
                     progress.update(1)
                 result.steps = number
                 maybe_fault("after_step", number)
-                if args.eval_steps and number % args.eval_steps == 0 and number < total and data.val and (is_main or sharded):
+                due = args.eval_steps and number % args.eval_steps == 0 and number < total and data.val
+                if due and (is_main or sharded):
                     scores = task.evaluate(tuned, data, args, device)
                     if is_main:
                         metrics.write({"event": "eval", "step": number, **scores})
@@ -378,7 +379,9 @@ def train(
         # -- after ----------------------------------------------------------------------------------
         # A sharded model's forwards are collective: every rank evaluates, the main process reports;
         # its adapter is gathered on every rank (full_view) and written by the main process.
-        shared = (task.evaluate(tuned, data, args, device), _samples(task, tuned, data, args, device)) if sharded else None
+        shared = None
+        if sharded:
+            shared = (task.evaluate(tuned, data, args, device), _samples(task, tuned, data, args, device))
         with dist.full_view(tuned, None, sharded):
             if is_main:
                 result.eval_after = shared[0] if shared else task.evaluate(tuned, data, args, device)
