@@ -30,7 +30,7 @@ def train(kind: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     tuned = get_tuned_model(build_model(320), get_spec(tuner).config(task_type="CAUSAL_LM", **fields))
     with torch.no_grad():  # a non-zero start, so every tensor gets a gradient
-        for name, param in tuned.named_parameters():
+        for param in tuned.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))
     if world > 1:
