@@ -18,3 +18,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """TRL's trainers set up accelerate's process-wide state (use_cpu=True); an in-process
+    `deltatune rlhf` afterwards builds its own Accelerator, which refuses a changed state."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    yield

@@ -84,6 +84,7 @@ def assets(tmp_path_factory):
     return model_dir, _prompts(root / "prompts.jsonl")
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_grpo_runs_from_the_command_line_and_logs_rewards(assets, tmp_path):
     from deltatune.cli.main import main
 

@@ -16,6 +16,8 @@ import torch
 from rlhf_helpers import preference_rows, write_jsonl
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
