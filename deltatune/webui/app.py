@@ -70,7 +70,7 @@ def build_app(runs_dir: str | Path = "runs"):
         rows = rows.values.tolist() if hasattr(rows, "values") else rows
         return {
             "model": model.strip(), "dataset": dataset.strip(), "task": task, "tuner": tuner,
-            "tuner_args": runs.tuner_args(rows, tuner, extra), "max_steps": _num(max_steps),
+            "tuner_args": runs.tuner_args(rows, tuner, extra, model.strip()), "max_steps": _num(max_steps),
             "batch_size": _num(batch_size), "lr": _num(lr, float), "max_length": _num(max_length),
             "val_size": _num(val_size, float), "save_steps": _num(save_steps), "num_samples": _num(num_samples),
             "output_dir": output_dir.strip(), "overwrite": bool(overwrite),
@@ -135,8 +135,8 @@ def build_app(runs_dir: str | Path = "runs"):
         table = runs.list_runs(runs_root)
         return pd.DataFrame(table, columns=["run", "status", "step", "max_steps", "last_loss"])
 
-    def set_fields(tuner):
-        return pd.DataFrame(runs.tuner_fields(tuner), columns=headers)
+    def set_fields(tuner, model=None):
+        return pd.DataFrame(runs.tuner_fields(tuner, (model or "").strip() or None), columns=headers)
 
     def uploaded(file):
         return file if isinstance(file, str) else getattr(file, "name", "")
@@ -175,7 +175,7 @@ def build_app(runs_dir: str | Path = "runs"):
                 tuner = gr.Dropdown(tuners, value="lora", label="tuner", elem_id="train-tuner")
                 extra = gr.Textbox("", label="more tuner args (KEY=VALUE,...)", elem_id="train-extra",
                                    info="added after the table's changed fields, e.g. target_modules=[q_proj,v_proj]")  # fmt: skip
-            fields_table = gr.Dataframe(set_fields("lora"), headers=headers, interactive=True, wrap=True,
+            fields_table = gr.Dataframe(set_fields("lora", model.value), headers=headers, interactive=True, wrap=True,
                                         label="tuner fields (edit a value; help from the config class)",
                                         elem_id="train-fields")  # fmt: skip
             with gr.Row():
@@ -259,7 +259,8 @@ def build_app(runs_dir: str | Path = "runs"):
             ex_log = gr.Textbox(label="output", lines=12, elem_id="export-output")
 
         # -- wiring ----------------------------------------------------------------------------------
-        tuner.change(set_fields, tuner, fields_table)
+        tuner.change(set_fields, [tuner, model], fields_table)
+        model.blur(set_fields, [tuner, model], fields_table)  # registry models bring their own targets
         upload.upload(uploaded, upload, dataset)
         for component in form:
             component.change(command, form, cmd)

@@ -37,13 +37,26 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def tuner_fields(tuner: str) -> list[list[str]]:
-    """[field, default, help] for every field of the tuner's config class (help = its docstring)."""
+def run_defaults(tuner: str, model: str | None = None) -> dict[str, Any]:
+    """What `deltatune sft` fills in for fields --tuner-args leaves unset: the tuner's run defaults
+    (LoRA: lora_alpha=16) and the model registry's targets (a model it does not know: all-linear)."""
+    from deltatune.core.registry import get_spec
+    from deltatune.models import get_model_spec
+    from deltatune.train.setup import default_fields
+
+    spec = get_spec(tuner)
+    return {**spec.config.run_defaults, **default_fields(tuner, get_model_spec(model) if model else None)}
+
+
+def tuner_fields(tuner: str, model: str | None = None) -> list[list[str]]:
+    """[field, default, help] for every field of the tuner's config class (help = its docstring);
+    the default is the one a run of `model` gets."""
     from deltatune.core.config import TunerConfig, field_docs
     from deltatune.core.registry import get_spec
 
     config = get_spec(tuner).config
     docs = field_docs(config)
+    overrides = run_defaults(tuner, model)
     skipped = {f.name for f in fields(TunerConfig)} - {"target_modules", "modules_to_save", "exclude_modules"}
     rows = []
     for f in fields(config):
@@ -54,13 +67,14 @@ def tuner_fields(tuner: str) -> list[list[str]]:
             if f.default is not MISSING
             else (f.default_factory() if f.default_factory is not MISSING else None)
         )
+        default = overrides.get(f.name, default)
         rows.append([f.name, _text(default), " ".join(docs.get(f.name, "").split())])
     return rows
 
 
-def tuner_args(rows: list[list[Any]], tuner: str, extra: str = "") -> str:
-    """`--tuner-args` text: the fields whose value differs from the class default, then `extra`."""
-    defaults = {name: default for name, default, _ in tuner_fields(tuner)}
+def tuner_args(rows: list[list[Any]], tuner: str, extra: str = "", model: str | None = None) -> str:
+    """`--tuner-args` text: the fields whose value differs from the run's default, then `extra`."""
+    defaults = {name: default for name, default, _ in tuner_fields(tuner, model)}
     parts = []
     for row in rows or []:
         if len(row) < 2:

@@ -44,6 +44,9 @@ def test_tuner_fields_have_docstrings_and_only_changes_become_tuner_args():
     by_name = {name: (default, help_) for name, default, help_ in rows}
     assert by_name["r"][0] == "8" and "Rank of the update" in by_name["r"][1]
     assert "target_modules" in by_name
+    assert by_name["lora_alpha"][0] == "16"  # the run default `deltatune sft` fills in, not the class's 8
+    registry = {name: default for name, default, _ in runs.tuner_fields("lora", "smollm2-135m-instruct")}
+    assert registry["target_modules"] == "[q_proj,v_proj]" and by_name["target_modules"][0] == "all-linear"
     edited = [[n, "16" if n == "r" else d, h] for n, d, h in rows]
     assert runs.tuner_args(edited, "lora", "target_modules=[q_proj]") == "r=16,target_modules=[q_proj]"
     assert runs.tuner_args(rows, "lora") == ""
