@@ -55,6 +55,7 @@ from deltatune.tuners.road import RoadConfig
 from deltatune.tuners.shira import ShiraConfig
 from deltatune.tuners.side_tuning import SideTuningConfig
 from deltatune.tuners.supertuning import SupertuningConfig
+from deltatune.tuners.trainable_tokens import TrainableTokensConfig
 from deltatune.tuners.unilora import UniLoraConfig
 from deltatune.tuners.vblora import VBLoRAConfig
 from deltatune.tuners.vera import VeraConfig
@@ -100,6 +101,7 @@ __all__ = [
     "ShiraConfig",
     "SideTuningConfig",
     "TunedModel",
+    "TrainableTokensConfig",
     "SupertuningConfig",
     "TunerConfig",
     "TunerSpec",

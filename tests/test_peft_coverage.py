@@ -15,7 +15,6 @@ LORA_FAMILY = "not implemented yet: belongs to the LoRA-family work (AdaLoRA, tr
 
 NOT_IMPLEMENTED = {
     "ADALORA": LORA_FAMILY,
-    "TRAINABLE_TOKENS": LORA_FAMILY,
     # mixture and multi-task methods: they route between several adapters or tasks per input
     "XLORA": TODO + ": a learned classifier mixes several loaded LoRAs per token (two forward passes)",
     "POLY": TODO + ": routes an inventory of LoRA skills by task ids given to every forward",

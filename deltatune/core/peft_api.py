@@ -326,6 +326,8 @@ def embedding_tensors(
     if save_embedding_layers is False:
         return {}
     config = tuned.adapters[adapter_name].config
+    if save_embedding_layers == "auto" and config.peft_type == "TRAINABLE_TOKENS":
+        return {}  # as peft: the trained rows are the adapter, the table is not saved
     targets = config.target_modules
     targeted = isinstance(targets, list) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
     if save_embedding_layers == "auto":

@@ -56,6 +56,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "deltatune.tuners.glora",
     "deltatune.tuners.cartridge",
     "deltatune.tuners.unilora",
+    "deltatune.tuners.trainable_tokens",
 )
 
 

@@ -1,0 +1,125 @@
+"""Trainable tokens: train only chosen rows of an embedding (e.g. new special tokens), peft's TRAINABLE_TOKENS.
+
+peft's `TrainableTokensConfig` (https://huggingface.co/docs/peft/package_reference/trainable_tokens):
+the rows `token_indices` of the target embedding are replaced by trained copies, every other row
+stays frozen, so a few new tokens learn without training (or saving) the whole table:
+    E'[i] = D[k]  for i = token_indices[k],  E'[i] = E[i] otherwise.
+D starts as a copy of those rows (identity). Merging writes D into the table and keeps the original
+rows, so unmerge restores them exactly. An embedding's scale (Gemma's sqrt(dim)) applies to the
+replaced rows too, as in peft.
+
+File layout is peft's: "<embedding>.trainable_tokens_delta", shaped (len(token_indices), dim).
+Untied embeddings only for now: a model whose output head shares the table is refused (peft wraps the
+head as well); `trainable_token_indices` on LoraConfig is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.backends import LayerInfo
+from deltatune.core.config import ConfigError, TunerConfig
+from deltatune.core.registry import TunerSpec
+from deltatune.core.wrapper import BaseCall
+
+
+@dataclass(kw_only=True)
+class TrainableTokensConfig(TunerConfig):
+    """Configuration of a trainable-tokens adapter (field names and meanings are peft's)."""
+
+    tuner_name = "trainable_tokens"
+    peft_type = "TRAINABLE_TOKENS"
+    sidecar_fields = frozenset({"exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"})
+
+    token_indices: list[int] = field(default_factory=list)
+    """Rows of the embedding that train (token ids)."""
+    init_weights: bool = True
+    """True: start from the rows' current values (identity). False: N(0, 1) (tests only)."""
+
+    def validate(self) -> None:
+        if self.target_modules is None:
+            self.target_modules = ["embed_tokens"]  # peft: the input embedding
+        super().validate()
+        indices = self.token_indices
+        if not isinstance(indices, list) or not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+            raise ConfigError(f"token_indices must be a non-empty list of token ids (integers >= 0), got {indices!r}")
+        if len(set(indices)) != len(indices):
+            raise ConfigError(f"token_indices lists a token twice: {indices!r}; give each id once")
+
+
+class TokenRows(nn.Module):
+    """Trained copies of some rows of an embedding table (num_embeddings, dim)."""
+
+    def __init__(self, num_embeddings: int, dim: int, indices: list[int], *, init: bool):
+        super().__init__()
+        if max(indices) >= num_embeddings:
+            raise ConfigError(
+                f"token_indices has id {max(indices)}, but the embedding has {num_embeddings} rows; "
+                "resize the embeddings first (model.resize_token_embeddings) or fix the ids"
+            )
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long), persistent=False)
+        self.trainable_tokens_delta = nn.Parameter(torch.randn(len(indices), dim))
+        self._copy_rows = init
+
+    def init_from_base(self, read_weight, write_weight) -> None:
+        if self._copy_rows:
+            with torch.no_grad():
+                self.trainable_tokens_delta.copy_(
+                    read_weight().float()[self.indices.to("cpu")].to(self.trainable_tokens_delta)
+                )
+
+    def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
+        result = base(x)  # (..., dim)
+        lookup = torch.full((int(self.indices.max()) + 1,), -1, dtype=torch.long, device=x.device)
+        lookup[self.indices.to(x.device)] = torch.arange(len(self.indices), device=x.device)
+        slot = lookup[x.clamp(max=len(lookup) - 1)].masked_fill(x >= len(lookup), -1)  # (...), -1: not trained
+        rows = F.embedding(slot.clamp(min=0), self.trainable_tokens_delta.to(result.dtype))  # (..., dim)
+        scale = base.output_scale
+        if scale is not None:
+            rows = rows * (scale.to(rows.dtype) if torch.is_tensor(scale) else scale)
+        return torch.where((slot >= 0).unsqueeze(-1), rows, result)
+
+    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        index = self.indices.to(weight.device)
+        originals = weight[index].clone()
+        return weight.index_copy(0, index, self.trainable_tokens_delta.to(weight)), bias, originals
+
+    def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None, originals: torch.Tensor):
+        return weight.index_copy(0, self.indices.to(weight.device), originals.to(weight)), bias
+
+
+def build(config: TrainableTokensConfig, info: LayerInfo, module_name: str) -> nn.Module:
+    """The one place TrainableTokensConfig is read."""
+    if info.kind != "embedding":
+        raise ConfigError(f"trainable tokens adapt an embedding; {module_name!r} is a {info.kind} layer")
+    return TokenRows(info.in_features, info.out_features, list(config.token_indices), init=config.init_weights)
+
+
+def connect(model: nn.Module, config: TrainableTokensConfig, adapter_name: str, targets: list[str]):
+    """Refuse a table the output head shares (tied embeddings): its logits would keep the old rows."""
+    for target in targets:
+        table = model.get_submodule(target).base_layer.weight
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if param is table and not name.startswith(f"{target}."):
+                raise ConfigError(
+                    f"{target!r} shares its weight with {name!r} (tied embeddings); trainable tokens on tied "
+                    "embeddings are not supported yet: untie them (tie_word_embeddings=False) or use LoRA"
+                )
+    return None
+
+
+SPEC = TunerSpec(
+    name="trainable_tokens",
+    kind="delta",
+    config=TrainableTokensConfig,
+    peft_type="TRAINABLE_TOKENS",
+    dispatch=("embedding",),
+    build=build,
+    connect=connect,
+    paper="https://huggingface.co/docs/peft/package_reference/trainable_tokens",
+    example_configs=({"token_indices": list(range(30))},),  # most ids the tiny models' inputs use
+)

@@ -1,0 +1,75 @@
+"""Trainable tokens (peft's TRAINABLE_TOKENS): only chosen embedding rows train; files cross with peft."""
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.testing import contract
+from deltatune.testing.tiny_models import TINY_MODELS
+
+peft = pytest.importorskip("peft")
+TINY = TINY_MODELS["llama"]
+IDS = sorted(set(TINY.make_inputs(0)["input_ids"].flatten().tolist()))[:3]  # tokens the inputs use
+
+
+def test_only_the_chosen_rows_train_and_merge_exactly():
+    tuned = dt.get_tuned_model(TINY.fresh(), dt.TrainableTokensConfig(token_indices=IDS))
+    base = contract.run(TINY, TINY.fresh())
+    torch.testing.assert_close(contract.run(TINY, tuned), base)  # starts as the rows' copies
+    assert [n for n, p in tuned.named_parameters() if p.requires_grad] == [
+        "model.model.embed_tokens.deltas.default.trainable_tokens_delta"
+    ]
+    with torch.no_grad():
+        tuned.model.model.embed_tokens.deltas["default"].trainable_tokens_delta.add_(1.0)
+    changed = contract.run(TINY, tuned)
+    assert (changed - base).abs().max() > 1e-3
+    table = tuned.model.model.embed_tokens.base_layer.weight.detach().clone()
+    tuned.merge_adapter()
+    torch.testing.assert_close(contract.run(TINY, tuned), changed, atol=1e-5, rtol=0)
+    tuned.unmerge_adapter()
+    assert torch.equal(tuned.model.model.embed_tokens.base_layer.weight, table)
+
+
+def test_ours_loads_in_peft_and_back(tmp_path):
+    tuned = dt.get_tuned_model(TINY.fresh(), dt.TrainableTokensConfig(token_indices=IDS))
+    contract.perturb(tuned)
+    ours = contract.run(TINY, tuned)
+    tuned.save_pretrained(tmp_path / "ours")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {
+        "base_model.model.model.embed_tokens.trainable_tokens_delta": (3, 16)
+    }  # peft's layout; the table itself is not saved
+    theirs = peft.PeftModel.from_pretrained(TINY.fresh(), tmp_path / "ours").eval()
+    torch.testing.assert_close(contract.run(TINY, theirs), ours, atol=1e-5, rtol=0)
+
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(TINY.fresh(), peft.TrainableTokensConfig(token_indices=IDS[1:], init_weights=False))
+    expected = contract.run(TINY, theirs.eval())
+    assert (expected - contract.run(TINY, TINY.fresh())).abs().max() > 1e-3
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = dt.TunedModel.from_pretrained(TINY.fresh(), tmp_path / "theirs")
+    torch.testing.assert_close(contract.run(TINY, loaded), expected, atol=1e-5, rtol=0)
+
+
+def test_bad_indices_and_tied_embeddings_are_refused():
+    with pytest.raises(dt.ConfigError, match="resize"):
+        dt.get_tuned_model(TINY.fresh(), dt.TrainableTokensConfig(token_indices=[999]))
+    with pytest.raises(dt.ConfigError, match="twice"):
+        dt.TrainableTokensConfig(token_indices=[1, 1])
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    with pytest.raises(dt.ConfigError, match="tied"):
+        dt.get_tuned_model(tied, dt.TrainableTokensConfig(token_indices=IDS))
