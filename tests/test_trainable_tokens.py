@@ -73,3 +73,42 @@ def test_bad_indices_and_tied_embeddings_are_refused():
     )
     with pytest.raises(dt.ConfigError, match="tied"):
         dt.get_tuned_model(tied, dt.TrainableTokensConfig(token_indices=IDS))
+
+
+@pytest.mark.parametrize("indices", [IDS, {"embed_tokens": IDS}])
+def test_lora_trainable_token_indices_cross_with_peft(tmp_path, indices):
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=indices)
+    tuned = dt.get_tuned_model(TINY.fresh(), config)
+    torch.testing.assert_close(contract.run(TINY, tuned), contract.run(TINY, TINY.fresh()))
+    trainable = [n for n, p in tuned.named_parameters() if p.requires_grad]
+    assert "model.model.embed_tokens.deltas.default.token_adapter.trainable_tokens_delta" in trainable
+    contract.perturb(tuned)
+    ours = contract.run(TINY, tuned)
+    tuned.merge_adapter()
+    torch.testing.assert_close(contract.run(TINY, tuned), ours, atol=1e-5, rtol=0)
+    tuned.unmerge_adapter()
+    tuned.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(TINY.fresh(), tmp_path / "ours").eval()
+    torch.testing.assert_close(contract.run(TINY, theirs), ours, atol=1e-5, rtol=0)
+
+    torch.manual_seed(4)
+    peft_config = peft.LoraConfig(
+        r=4, target_modules=["q_proj"], trainable_token_indices=indices, init_lora_weights=False
+    )
+    theirs = peft.get_peft_model(TINY.fresh(), peft_config)
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].add_(0.5)
+    expected = contract.run(TINY, theirs.eval())
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = dt.TunedModel.from_pretrained(TINY.fresh(), tmp_path / "theirs")
+    torch.testing.assert_close(contract.run(TINY, loaded), expected, atol=1e-5, rtol=0)
+    loaded.delete_adapter("default")  # the rows go with the adapter
+    assert "deltas" not in str(dict(loaded.model.named_modules()).keys())
+
+
+def test_lora_token_rows_refusals():
+    with pytest.raises(dt.ConfigError, match="twice"):
+        dt.LoraConfig(trainable_token_indices=[2, 2])
+    config = dt.LoraConfig(r=4, target_modules=["embed_tokens"], trainable_token_indices=IDS)
+    with pytest.raises(dt.ConfigError, match="both a LoRA target"):
+        dt.get_tuned_model(TINY.fresh(), config)

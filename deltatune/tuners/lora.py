@@ -53,7 +53,7 @@ class LoraConfig(TunerConfig):
         "kasa_config": None, "layer_replication": None, "loftq_config": {}, "lora_bias": False,
         "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
         "monteclora_config": None, "qalora_group_size": 16, "target_parameters": None,
-        "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+        "use_bdlora": None, "use_qalora": False, "velora_config": None,
         "ensure_weight_tying": False,
     }  # fmt: skip
     run_defaults = {"lora_alpha": 16}  # the demo's scale of 2 at r=8
@@ -78,6 +78,9 @@ class LoraConfig(TunerConfig):
     """Per-module rank overrides: {regex on the name's tail: r}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides: {regex on the name's tail: alpha}."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Embedding rows that train in full besides the LoRA (e.g. new tokens): a list for the input
+    embedding, or {embedding module name: ids}; see tuners/trainable_tokens.py."""
 
     def validate(self) -> None:
         super().validate()
@@ -94,6 +97,12 @@ class LoraConfig(TunerConfig):
             raise ConfigError(
                 f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' or 'olora', got {init!r}"
             )
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            from deltatune.tuners.trainable_tokens import check_indices
+
+            for key, ids in (tokens.items() if isinstance(tokens, dict) else [("", tokens)]):
+                check_indices(ids, f"trainable_token_indices{f'[{key!r}]' if key else ''}")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 raise ConfigError(f"{name} must be a dict {{regex: value}}, got {pattern!r}")
@@ -496,6 +505,15 @@ def extra_trainable(model: nn.Module, config: LoraConfig, targets: list[str]) ->
     return [n for n in names if n.startswith(prefixes)]
 
 
+def connect(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str]):
+    """trainable_token_indices: the chosen embedding rows train next to the LoRA (tuners/trainable_tokens.py)."""
+    if config.trainable_token_indices is not None:
+        from deltatune.tuners.trainable_tokens import add_token_rows
+
+        add_token_rows(model, config.trainable_token_indices, adapter_name, targets)
+    return None
+
+
 SPEC = TunerSpec(
     name="lora",
     kind="delta",
@@ -505,6 +523,7 @@ SPEC = TunerSpec(
     build=build,
     prepare=prepare,
     extra_trainable=extra_trainable,
+    connect=connect,
     paper="https://arxiv.org/abs/2106.09685",
     example_configs=(
         {"r": 4, "lora_alpha": 8},

@@ -9,8 +9,9 @@ rows, so unmerge restores them exactly. An embedding's scale (Gemma's sqrt(dim))
 replaced rows too, as in peft.
 
 File layout is peft's: "<embedding>.trainable_tokens_delta", shaped (len(token_indices), dim).
-Untied embeddings only for now: a model whose output head shares the table is refused (peft wraps the
-head as well); `trainable_token_indices` on LoraConfig is not implemented yet.
+LoraConfig(trainable_token_indices=[ids] or {embedding name: [ids]}) adds such rows to a LoRA adapter
+(peft's key "<embedding>.token_adapter.trainable_tokens_delta"). Untied embeddings only for now: a
+model whose output head shares the table is refused (peft wraps the head as well).
 """
 
 from __future__ import annotations
@@ -44,11 +45,15 @@ class TrainableTokensConfig(TunerConfig):
         if self.target_modules is None:
             self.target_modules = ["embed_tokens"]  # peft: the input embedding
         super().validate()
-        indices = self.token_indices
-        if not isinstance(indices, list) or not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
-            raise ConfigError(f"token_indices must be a non-empty list of token ids (integers >= 0), got {indices!r}")
-        if len(set(indices)) != len(indices):
-            raise ConfigError(f"token_indices lists a token twice: {indices!r}; give each id once")
+        check_indices(self.token_indices, "token_indices")
+
+
+def check_indices(indices: object, field_name: str) -> None:
+    """Raise ConfigError unless `indices` is a non-empty list of distinct token ids."""
+    if not isinstance(indices, list) or not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+        raise ConfigError(f"{field_name} must be a non-empty list of token ids (integers >= 0), got {indices!r}")
+    if len(set(indices)) != len(indices):
+        raise ConfigError(f"{field_name} lists a token twice: {indices!r}; give each id once")
 
 
 class TokenRows(nn.Module):
@@ -99,17 +104,93 @@ def build(config: TrainableTokensConfig, info: LayerInfo, module_name: str) -> n
     return TokenRows(info.in_features, info.out_features, list(config.token_indices), init=config.init_weights)
 
 
-def connect(model: nn.Module, config: TrainableTokensConfig, adapter_name: str, targets: list[str]):
+def _refuse_tied(model: nn.Module, target: str, table: torch.Tensor) -> None:
     """Refuse a table the output head shares (tied embeddings): its logits would keep the old rows."""
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param is table and not name.startswith(f"{target}."):
+            raise ConfigError(
+                f"{target!r} shares its weight with {name!r} (tied embeddings); trainable tokens on tied "
+                "embeddings are not supported yet: untie them (tie_word_embeddings=False)"
+            )
+
+
+def connect(model: nn.Module, config: TrainableTokensConfig, adapter_name: str, targets: list[str]):
     for target in targets:
-        table = model.get_submodule(target).base_layer.weight
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if param is table and not name.startswith(f"{target}."):
-                raise ConfigError(
-                    f"{target!r} shares its weight with {name!r} (tied embeddings); trainable tokens on tied "
-                    "embeddings are not supported yet: untie them (tie_word_embeddings=False) or use LoRA"
-                )
+        _refuse_tied(model, target, model.get_submodule(target).base_layer.weight)
     return None
+
+
+class TokenAdapter(nn.Module):
+    """LoRA's `trainable_token_indices` rows on an embedding, filed under peft's key
+    "<embedding>.token_adapter.trainable_tokens_delta"."""
+
+    def __init__(self, rows: TokenRows):
+        super().__init__()
+        self.token_adapter = rows
+
+    def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
+        return self.token_adapter(x, base)
+
+    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        return self.token_adapter.merge(weight, bias)
+
+    def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None, originals: torch.Tensor):
+        return self.token_adapter.unmerge(weight, bias, originals)
+
+
+def _embedding_names(model: nn.Module, indices: list[int] | dict[str, list[int]]) -> dict[str, list[int]]:
+    from deltatune.core.wrapper import DeltaWrapper
+
+    if isinstance(indices, dict):
+        found = {}
+        for key, ids in indices.items():
+            names = [n for n, _ in model.named_modules() if (n == key or n.endswith(f".{key}")) and ".deltas." not in n]
+            names = [n for n in names if not n.endswith(".base_layer")]
+            if len(names) != 1:
+                raise ConfigError(
+                    f"trainable_token_indices names {key!r}, which matches {len(names)} modules; name one embedding"
+                )
+            found[names[0]] = ids
+        return found
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    for name, module in model.named_modules():
+        if embedding is not None and (
+            module is embedding or (isinstance(module, DeltaWrapper) and module.base_layer is embedding)
+        ):
+            return {name: indices}
+    raise ConfigError(
+        "trainable_token_indices as a list needs a model with get_input_embeddings(); give {embedding module name: ids}"
+    )
+
+
+def add_token_rows(
+    model: nn.Module, indices: list[int] | dict[str, list[int]], adapter_name: str, targets: list[str]
+) -> None:
+    """Add an adapter's trainable rows (LoraConfig.trainable_token_indices) to the named embeddings."""
+    from deltatune import backends
+    from deltatune.core import inject
+    from deltatune.core.wrapper import DeltaWrapper
+
+    for name, ids in _embedding_names(model, indices).items():
+        module = model.get_submodule(name)
+        wrapper = module if isinstance(module, DeltaWrapper) else None
+        if wrapper is not None and adapter_name in wrapper.deltas:
+            raise ConfigError(
+                f"{name!r} is both a LoRA target and in trainable_token_indices; drop it from target_modules"
+            )
+        base = wrapper.base_layer if wrapper else module
+        info = backends.describe(base)
+        if info is None or info.kind != "embedding":
+            raise ConfigError(f"trainable_token_indices names {name!r}, which is not an embedding")
+        _refuse_tied(model, name, base.weight)
+        rows = TokenRows(info.in_features, info.out_features, ids, init=True).to(base.weight.device)
+        rows.init_from_base(lambda b=base: backends.read_weight(b), None)
+        if wrapper is None:
+            wrapper = DeltaWrapper(base, info)
+            wrapper.train(base.training)
+            inject._set_module(model, name, wrapper)
+        wrapper.deltas[adapter_name] = TokenAdapter(rows).train(base.training)
 
 
 SPEC = TunerSpec(
