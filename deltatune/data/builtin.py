@@ -299,5 +299,8 @@ BUILTINS: dict[str, Callable[[Mapping[str, Any]], tuple[Rows, list[str]]]] = {
 }
 from deltatune.data import preference as _preference  # noqa: E402 (rlhf demo sets)
 
-BUILTINS.update(chatterbot_preference=_preference.load_chatterbot_preference,
-                chatterbot_kto=_preference.load_chatterbot_kto, arithmetic=_preference.arithmetic_prompts)
+BUILTINS.update(
+    chatterbot_preference=_preference.load_chatterbot_preference,
+    chatterbot_kto=_preference.load_chatterbot_kto,
+    arithmetic=_preference.arithmetic_prompts,
+)

@@ -27,8 +27,19 @@ import numpy as np
 from deltatune.data.report import RowError
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("alpaca", "sharegpt", "messages", "classification", "ner", "image-caption", "image-classification",
-           "preference", "kto", "prompt-only")  # the last three: deltatune/data/preference.py (rlhf)
+# The last three are deltatune rlhf's (deltatune/data/preference.py).
+FORMATS = (
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "classification",
+    "ner",
+    "image-caption",
+    "image-classification",
+    "preference",
+    "kto",
+    "prompt-only",
+)
 
 # ShareGPT-style dumps name roles many ways; anything else is an "unknown_role".
 DEFAULT_ROLE_MAP = {

@@ -104,13 +104,17 @@ class GRPOTask(PreferenceTask):
         if args.beta is not None and not (isinstance(args.beta, (int, float)) and args.beta >= 0):
             raise ConfigError(f"--beta must be >= 0, got {args.beta!r}")
         if extra:
-            raise ConfigError(f"unknown --method-args key {next(iter(extra))!r} for grpo; known: {', '.join(GRPO_ARGS)}")
+            raise ConfigError(
+                f"unknown --method-args key {next(iter(extra))!r} for grpo; known: {', '.join(GRPO_ARGS)}"
+            )
         if args.beta is not None:
             self.beta = float(args.beta)
         self.ref_adapter = getattr(args, "ref_adapter", None)
         self.num_generations = int(getattr(args, "num_generations", 4) or 4)
         if self.num_generations < 2:
-            raise ConfigError(f"--num-generations must be >= 2 (advantages compare a group), got {self.num_generations}")
+            raise ConfigError(
+                f"--num-generations must be >= 2 (advantages compare a group), got {self.num_generations}"
+            )
         if getattr(args, "loss_type", None) not in (None, "grpo"):
             raise ConfigError(f"--loss-type for grpo must be grpo, got {args.loss_type!r}")
         if getattr(args, "packing", False):
@@ -168,8 +172,14 @@ class GRPOTask(PreferenceTask):
         train, val = encode(train_rows), encode(val_rows)
         log(f"grpo: {len(train)} train / {len(val)} held-out prompts, {self.num_generations} completions each, "
             f"rewards {', '.join(self.reward_names)}")  # fmt: skip
-        return TaskData(train, val, extra={"prompts": [r["prompt"] for r in val_rows[: args.num_samples]],
-                                           "references": [r["answer"] or "" for r in val_rows[: args.num_samples]]})
+        return TaskData(
+            train,
+            val,
+            extra={
+                "prompts": [r["prompt"] for r in val_rows[: args.num_samples]],
+                "references": [r["answer"] or "" for r in val_rows[: args.num_samples]],
+            },
+        )
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Prompts left-padded (generation continues at the right edge) and their row indices."""
@@ -205,7 +215,9 @@ class GRPOTask(PreferenceTask):
             tuned.train(was_training)
         completion = out[:, ids.shape[1] :]
         ends = completion == eos
-        first = torch.where(ends.any(1), ends.float().argmax(1), torch.full_like(ends[:, 0], completion.shape[1], dtype=torch.long))
+        first = torch.where(
+            ends.any(1), ends.float().argmax(1), torch.full_like(ends[:, 0], completion.shape[1], dtype=torch.long)
+        )
         cmask = torch.arange(completion.shape[1], device=completion.device)[None, :] <= first[:, None]  # up to EOS
         texts = self.tokenizer.batch_decode(completion.masked_fill(~cmask, self.pad_id), skip_special_tokens=True)
         answers = [self.answers[int(i)] for i in batch["index"].repeat_interleave(group, 0)]

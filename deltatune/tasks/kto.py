@@ -49,7 +49,9 @@ class KTOTask(PreferenceTask):
                 enc.total += 1
                 example = encode_answer(processor, row["prompt"], row["completion"], args.max_length)
                 if example is None:
-                    enc.add("labels_fully_masked", f"row {i}", f"the prompt leaves no answer token within {args.max_length}")
+                    enc.add(
+                        "labels_fully_masked", f"row {i}", f"the prompt leaves no answer token within {args.max_length}"
+                    )
                     continue
                 # nested, so the engine's length-based batching stays off (the KL rows pair up within a batch)
                 start = next(j for j, v in enumerate(example["labels"]) if v != -100)

@@ -154,7 +154,9 @@ class PreferenceTask(CausalLMTask):
         return logps.sum(1)
 
     # -- loss ---------------------------------------------------------------------------------------
-    def pair_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def pair_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(per-pair losses (B,), {"chosen_rewards", "rejected_rewards"} detached)."""
         token, mask = self.logps(model, batch)
         counts = mask.sum(1).clamp(min=1)

@@ -175,7 +175,9 @@ def test_ref_adapter_equals_trl_reference_copy(setup, tmp_path):
     start.save_pretrained(tmp_path / "sft")
     config = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no", beta=0.5,
                        max_length=48, disable_tqdm=True)  # fmt: skip
-    trainer = DPOTrainer(model=start, args=config, train_dataset=setup.trainer.train_dataset, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=start, args=config, train_dataset=setup.trainer.train_dataset, processing_class=tokenizer
+    )
     policy = trainer.model
     assert "ref" in policy.peft_config
     with torch.no_grad():

@@ -104,7 +104,9 @@ def test_every_method_runs_from_the_command_line(assets, tmp_path, method, capsy
     log = [json.loads(line) for line in (tmp_path / method / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2]
     metrics = set(next(r for r in log if r["event"] == "eval"))
-    assert {"accuracy", "margin", "loss"} <= metrics if method == "rm" else {"reward_accuracy", "reward_margin"} <= metrics
+    assert (
+        {"accuracy", "margin", "loss"} <= metrics if method == "rm" else {"reward_accuracy", "reward_margin"} <= metrics
+    )
     assert (tmp_path / method / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -123,8 +125,9 @@ def test_bad_method_flags_are_one_line(assets, tmp_path, capsys, extra, message)
 
 
 def test_sft_data_for_dpo_is_refused_with_the_fix(assets, tmp_path, capsys):
-    from deltatune.cli.main import main
     from train_helpers import synthetic_rows
+
+    from deltatune.cli.main import main
 
     chat = write_jsonl(synthetic_rows(32), tmp_path / "chat.jsonl")
     args = flags(assets, tmp_path / "x")
