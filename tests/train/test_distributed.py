@@ -111,8 +111,10 @@ def _run(procs: int, flags: list[str], env: dict | None = None) -> subprocess.Co
 
 @pytest.mark.slow
 def test_fsdp2_matches_one_process_and_resumes_across_world_sizes(tiny_assets, tmp_path):
-    """FSDP2 on 2 processes (batch 2 each) = 1 process (batch 4): adapter, peft load; resume 2 -> 1
-    and 1 -> 2 processes from the step-2 checkpoints reaches the same step-4 adapter."""
+    """FSDP2 on 2 processes (batch 2 each) = 1 process (batch 4). The FSDP2 run is SIGKILLed on both
+    ranks after its step-2 checkpoint and resumed on 2 processes; a copy of that checkpoint resumes
+    on 1 process (2 -> 1), and the 1-process run's step-2 checkpoint on 2 (1 -> 2). All reach the
+    1-process step-4 adapter (tolerance below); the adapter loads in peft with the same outputs."""
     model_dir, data = tiny_assets
     common = ["--max-steps", "4", "--save-steps", "2", "--val-size", "0"]
 
@@ -122,12 +124,6 @@ def test_fsdp2_matches_one_process_and_resumes_across_world_sizes(tiny_assets, t
     ref, sharded = tmp_path / "one", tmp_path / "fsdp"
     done = _run(1, flags(ref, 1))
     assert done.returncode == 0, done.stderr[-2000:]
-    done = _run(2, flags(sharded, 2, "--distributed", "fsdp"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "FSDP2 over 2 processes: 4 adapter units" in done.stdout
-    manifest = json.loads((sharded / "checkpoints" / "step-4" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["distributed"] == "fsdp"
-
     expect = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in expect.items() if "lora_B" in k)
 
@@ -137,23 +133,27 @@ def test_fsdp2_matches_one_process_and_resumes_across_world_sizes(tiny_assets, t
         for key in expect:  # gathered full tensors; 2 ranks sum gradients in another order: ~1e-7
             torch.testing.assert_close(got[key], expect[key], rtol=1e-5, atol=1e-6)
 
+    done = _run(2, flags(sharded, 2, "--distributed", "fsdp"), env={"DELTATUNE_FAULT": "kill@after_save:2"})
+    assert done.returncode != 0 and "FSDP2 over 2 processes: 4 adapter units" in done.stdout
+    assert (sharded / "checkpoints" / "step-2").is_dir() and not (sharded / "adapter").exists()
+    down = tmp_path / "down"
+    shutil.copytree(sharded, down)
+    done = _run(2, flags(sharded, 2, "--distributed", "fsdp", "--resume"))  # same world size after SIGKILL
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((sharded / "checkpoints" / "step-4" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["distributed"] == "fsdp"
     same(sharded)
 
-    def at_step_2(run, name):  # a copy of the run as it was after its step-2 checkpoint
-        copy = tmp_path / name
-        shutil.copytree(run, copy)
-        shutil.rmtree(copy / "checkpoints" / "step-4")
-        shutil.rmtree(copy / "adapter")
-        return copy
-
     # 2 -> 1: the FSDP2 run's step-2 checkpoint finishes on one process (batch 4)
-    down = at_step_2(sharded, "down")
     done = _run(1, flags(down, 1, "--resume"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming a 2-process checkpoint on 1 processes" in done.stdout
     same(down)
     # 1 -> 2: the one-process run's step-2 checkpoint finishes under FSDP2 on two
-    up = at_step_2(ref, "up")
+    up = tmp_path / "up"
+    shutil.copytree(ref, up)
+    shutil.rmtree(up / "checkpoints" / "step-4")
+    shutil.rmtree(up / "adapter")
     done = _run(2, flags(up, 2, "--distributed", "fsdp", "--resume"))
     assert done.returncode == 0, done.stderr[-3000:]
     same(up)
