@@ -194,5 +194,5 @@ def test_fsdp2_lora_dora_ia3_match_one_process(tmp_path):
         one = load_file(str(tmp_path / f"{kind}-1.safetensors"))
         two = load_file(str(tmp_path / f"{kind}-2.safetensors"))
         assert one.keys() == two.keys() and one
-        for key in one:  # measured: at most 1.2e-7 apart (gradient sums in another order)
+        for key in one:  # measured: at most 3.5e-7 apart (gradient sums in another order)
             torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
