@@ -398,6 +398,12 @@ def resolve_mode(args: Any) -> str | None:
                 f"--distributed {mode} disagrees with --accelerate-config {args.accelerate_config} ({from_file}); give one"
             )
         mode = from_file
+    if mode == "fsdp" and getattr(args, "quantize", None):
+        raise ConfigError(
+            f"--distributed fsdp with --quantize {args.quantize} is not supported yet (the packed bitsandbytes "
+            "weights need bnb_4bit_quant_storage set to shard, not yet wired or measured); use --distributed ddp "
+            "for QLoRA on several GPUs"
+        )
     return mode
 
 

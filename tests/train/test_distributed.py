@@ -56,6 +56,8 @@ def test_accelerate_config_file(tmp_path):
     assert dist.resolve_mode(TrainArgs(accelerate_config=str(path))) == "fsdp"
     with pytest.raises(ConfigError, match="distributed must be one of"):
         TrainArgs(distributed="zero9").validate()
+    with pytest.raises(ConfigError, match="not supported yet.*--distributed ddp"):
+        dist.resolve_mode(TrainArgs(accelerate_config=str(path), quantize="4bit"))
 
 
 def test_cli_flags():
