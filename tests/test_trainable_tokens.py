@@ -53,26 +53,49 @@ def test_ours_loads_in_peft_and_back(tmp_path):
     torch.testing.assert_close(contract.run(TINY, loaded), expected, atol=1e-5, rtol=0)
 
 
-def test_bad_indices_and_tied_embeddings_are_refused():
+def test_bad_indices_are_refused():
     with pytest.raises(dt.ConfigError, match="resize"):
         dt.get_tuned_model(TINY.fresh(), dt.TrainableTokensConfig(token_indices=[999]))
     with pytest.raises(dt.ConfigError, match="twice"):
         dt.TrainableTokensConfig(token_indices=[1, 1])
+
+
+def _tied():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tied = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    )
-    with pytest.raises(dt.ConfigError, match="tied"):
-        dt.get_tuned_model(tied, dt.TrainableTokensConfig(token_indices=IDS))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[1, 3, 5, 9, 3]])).logits
+
+
+def test_tied_embeddings_train_the_head_rows_too_and_cross_with_peft(tmp_path):
+    tuned = dt.get_tuned_model(_tied(), dt.TrainableTokensConfig(token_indices=[3, 5]))
+    torch.testing.assert_close(_logits(tuned), _logits(_tied()))
+    with torch.no_grad():
+        tuned.model.model.embed_tokens.deltas["default"].trainable_tokens_delta.add_(0.5)
+    ours = _logits(tuned)
+    theirs = peft.get_peft_model(_tied(), peft.TrainableTokensConfig(token_indices=[3, 5]))
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.trainable_tokens_delta["default"].add_(0.5)
+    torch.testing.assert_close(ours, _logits(theirs.eval()), atol=1e-5, rtol=0)  # the head's logits too
+    with pytest.warns(UserWarning, match="tied"):
+        tuned.merge_adapter()
+    torch.testing.assert_close(_logits(tuned), ours, atol=1e-5, rtol=0)
+    tuned.unmerge_adapter()
+    tuned.save_pretrained(tmp_path / "ours")  # both keys, as peft writes them
+    loaded = peft.PeftModel.from_pretrained(_tied(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(loaded), ours, atol=1e-5, rtol=0)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = dt.TunedModel.from_pretrained(_tied(), tmp_path / "theirs")
+    torch.testing.assert_close(_logits(back), ours, atol=1e-5, rtol=0)
+    with pytest.raises(dt.ConfigError, match="tied"):  # not yet: LoRA's trainable_token_indices on tied embeddings
+        dt.get_tuned_model(_tied(), dt.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3]))
 
 
 @pytest.mark.parametrize("indices", [IDS, {"embed_tokens": IDS}])

@@ -11,7 +11,9 @@ replaced rows too, as in peft.
 File layout is peft's: "<embedding>.trainable_tokens_delta", shaped (len(token_indices), dim).
 LoraConfig(trainable_token_indices=[ids] or {embedding name: [ids]}) adds such rows to a LoRA adapter
 (peft's key "<embedding>.token_adapter.trainable_tokens_delta"). Untied embeddings only for now: a
-model whose output head shares the table is refused (peft wraps the head as well).
+LoRA on a model whose output head shares the table is refused. The standalone tuner handles tied
+embeddings as peft does: the head's logits for the trained tokens use the same trained rows, and the
+file holds them under both modules' keys.
 """
 
 from __future__ import annotations
@@ -114,10 +116,77 @@ def _refuse_tied(model: nn.Module, target: str, table: torch.Tensor) -> None:
             )
 
 
+def _tied_users(model: nn.Module, target: str, table: torch.Tensor) -> list[str]:
+    """Modules other than `target` whose own weight is `table` (an output head tied to the embedding)."""
+    from deltatune.core.wrapper import DeltaWrapper
+
+    found = []
+    for name, module in model.named_modules():
+        if name == target or name.startswith(f"{target}.") or ".deltas." in name:
+            continue
+        layer = module.base_layer if isinstance(module, DeltaWrapper) else module
+        if getattr(layer, "weight", None) is table and not name.endswith(".base_layer"):
+            found.append(name)
+    return found
+
+
+class TiedHead(nn.Module):
+    """The output head tied to a trained embedding: its logits for the trained tokens use the trained
+    rows (the same Parameter as the embedding's), as peft's tied layer does."""
+
+    def __init__(self, rows: TokenRows):
+        super().__init__()
+        self.indices = rows.indices
+        self.trainable_tokens_delta = rows.trainable_tokens_delta  # shared, as peft's tied layer
+
+    def forward(self, x: torch.Tensor, base: BaseCall) -> torch.Tensor:
+        result = base(x)  # (..., vocab)
+        rows = F.linear(x.to(result.dtype), self.trainable_tokens_delta.to(result.dtype))  # (..., n)
+        if base.bias is not None:
+            rows = rows + base.bias.to(rows.dtype)[self.indices.to(rows.device)]
+        return result.index_copy(-1, self.indices.to(result.device), rows)
+
+    # merging unties the head from the embedding (TunedModel gives the merged layer its own copy), so
+    # each writes the rows into its own table and keeps its originals
+    merge = TokenRows.merge
+    unmerge = TokenRows.unmerge
+
+
 def connect(model: nn.Module, config: TrainableTokensConfig, adapter_name: str, targets: list[str]):
-    for target in targets:
-        _refuse_tied(model, target, model.get_submodule(target).base_layer.weight)
+    """An output head tied to a target embedding gets the trained rows too (peft wraps it the same
+    way); it joins the adapter's targets, so its file key is written and read as peft's."""
+    from deltatune import backends
+    from deltatune.core import inject
+    from deltatune.core.wrapper import DeltaWrapper
+
+    for target in list(targets):
+        wrapper = model.get_submodule(target)
+        for name in _tied_users(model, target, wrapper.base_layer.weight):
+            module = model.get_submodule(name)
+            head = module if isinstance(module, DeltaWrapper) else None
+            base = head.base_layer if head else module
+            info = backends.describe(base)
+            if info is None or info.kind != "linear":
+                raise ConfigError(f"{name!r} shares {target!r}'s weight but is not a linear head; untie them")
+            if head is None:
+                head = DeltaWrapper(base, info)
+                head.train(base.training)
+                inject._set_module(model, name, head)
+            head.deltas[adapter_name] = TiedHead(wrapper.deltas[adapter_name])
+            targets.append(name)
     return None
+
+
+def file_keys(tensors: dict[str, torch.Tensor], targets: list[str]) -> dict[str, torch.Tensor]:
+    """A tied head's key, which the state dict holds once (one Parameter), written as peft does: a copy
+    of the embedding's rows under "<head>.trainable_tokens_delta"."""
+    out = dict(tensors)
+    present = [t for t in targets if f"{t}.trainable_tokens_delta" in out]
+    for target in targets:
+        key = f"{target}.trainable_tokens_delta"
+        if key not in out and present:
+            out[key] = out[f"{present[0]}.trainable_tokens_delta"].clone()
+    return out
 
 
 class TokenAdapter(nn.Module):
@@ -201,6 +270,7 @@ SPEC = TunerSpec(
     dispatch=("embedding",),
     build=build,
     connect=connect,
+    file_keys=file_keys,
     paper="https://huggingface.co/docs/peft/package_reference/trainable_tokens",
     example_configs=({"token_indices": list(range(30))},),  # most ids the tiny models' inputs use
 )
