@@ -56,6 +56,8 @@ def build_app(runs_dir: str | Path = "runs"):
     import pandas as pd
 
     from deltatune.core.registry import all_specs
+    from deltatune.data import list_datasets
+    from deltatune.models.registry import list_models
     from deltatune.tasks.registry import task_names
     from deltatune.webui.chat import ChatModel
 
@@ -63,6 +65,8 @@ def build_app(runs_dir: str | Path = "runs"):
     state = _State()
     state.chat = ChatModel()
     tuners = sorted(s.name for s in all_specs())
+    models = [m.name for m in list_models()]
+    datasets = [d.name for d in list_datasets(offline_only=False)]
     headers = ["field", "value", "help"]
 
     def train_args(model, dataset, task, tuner, rows, extra, max_steps, batch_size, lr, max_length, val_size,
@@ -70,7 +74,7 @@ def build_app(runs_dir: str | Path = "runs"):
         rows = rows.values.tolist() if hasattr(rows, "values") else rows
         return {
             "model": model.strip(), "dataset": dataset.strip(), "task": task, "tuner": tuner,
-            "tuner_args": runs.tuner_args(rows, tuner, extra, model.strip()), "max_steps": _num(max_steps),
+            "tuner_args": runs.tuner_args(rows, tuner, extra), "max_steps": _num(max_steps),
             "batch_size": _num(batch_size), "lr": _num(lr, float), "max_length": _num(max_length),
             "val_size": _num(val_size, float), "save_steps": _num(save_steps), "num_samples": _num(num_samples),
             "output_dir": output_dir.strip(), "overwrite": bool(overwrite),
@@ -135,8 +139,8 @@ def build_app(runs_dir: str | Path = "runs"):
         table = runs.list_runs(runs_root)
         return pd.DataFrame(table, columns=["run", "status", "step", "max_steps", "last_loss"])
 
-    def set_fields(tuner, model=None):
-        return pd.DataFrame(runs.tuner_fields(tuner, (model or "").strip() or None), columns=headers)
+    def set_fields(tuner):
+        return pd.DataFrame(runs.tuner_fields(tuner), columns=headers)
 
     def uploaded(file):
         return file if isinstance(file, str) else getattr(file, "name", "")
@@ -172,10 +176,15 @@ def build_app(runs_dir: str | Path = "runs"):
                                  elem_id="train-upload")  # fmt: skip
                 task = gr.Dropdown([t for t in task_names()], value="causal-lm", label="task", elem_id="train-task")
             with gr.Row():
+                pick_model = gr.Dropdown(models, value=None, label="pick a registry model (`deltatune models`)",
+                                         elem_id="train-pick-model")  # fmt: skip
+                pick_data = gr.Dropdown(datasets, value=None, label="pick a catalogue data set (`deltatune datasets`)",
+                                        elem_id="train-pick-data")  # fmt: skip
+            with gr.Row():
                 tuner = gr.Dropdown(tuners, value="lora", label="tuner", elem_id="train-tuner")
                 extra = gr.Textbox("", label="more tuner args (KEY=VALUE,...)", elem_id="train-extra",
                                    info="added after the table's changed fields, e.g. target_modules=[q_proj,v_proj]")  # fmt: skip
-            fields_table = gr.Dataframe(set_fields("lora", model.value), headers=headers, interactive=True, wrap=True,
+            fields_table = gr.Dataframe(set_fields("lora"), headers=headers, interactive=True, wrap=True,
                                         label="tuner fields (edit a value; help from the config class)",
                                         elem_id="train-fields")  # fmt: skip
             with gr.Row():
@@ -259,9 +268,10 @@ def build_app(runs_dir: str | Path = "runs"):
             ex_log = gr.Textbox(label="output", lines=12, elem_id="export-output")
 
         # -- wiring ----------------------------------------------------------------------------------
-        tuner.change(set_fields, [tuner, model], fields_table)
-        model.blur(set_fields, [tuner, model], fields_table)  # registry models bring their own targets
+        tuner.change(set_fields, tuner, fields_table)
         upload.upload(uploaded, upload, dataset)
+        pick_model.input(lambda name: name, pick_model, model)
+        pick_data.input(lambda name: name, pick_data, dataset)
         for component in form:
             component.change(command, form, cmd)
         check_btn.click(check, form, [inspect_out, data_out])

@@ -37,26 +37,19 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def run_defaults(tuner: str, model: str | None = None) -> dict[str, Any]:
-    """What `deltatune sft` fills in for fields --tuner-args leaves unset: the tuner's run defaults
-    (LoRA: lora_alpha=16) and the model registry's targets (a model it does not know: all-linear)."""
-    from deltatune.core.registry import get_spec
-    from deltatune.models import get_model_spec
-    from deltatune.train.setup import default_fields
-
-    spec = get_spec(tuner)
-    return {**spec.config.run_defaults, **default_fields(tuner, get_model_spec(model) if model else None)}
+TARGETS_NOTE = "Empty: the model registry's targets for this tuner, else every linear layer (all-linear)."
 
 
-def tuner_fields(tuner: str, model: str | None = None) -> list[list[str]]:
-    """[field, default, help] for every field of the tuner's config class (help = its docstring);
-    the default is the one a run of `model` gets."""
+def tuner_fields(tuner: str) -> list[list[str]]:
+    """[field, default, help] for every field of the tuner's config class (help = its docstring); the
+    default is what `deltatune sft` fills in when --tuner-args leaves the field unset (the tuner's
+    run defaults, e.g. LoRA's lora_alpha=16); target_modules stays empty (the model decides)."""
     from deltatune.core.config import TunerConfig, field_docs
     from deltatune.core.registry import get_spec
 
     config = get_spec(tuner).config
     docs = field_docs(config)
-    overrides = run_defaults(tuner, model)
+    overrides = dict(config.run_defaults)
     skipped = {f.name for f in fields(TunerConfig)} - {"target_modules", "modules_to_save", "exclude_modules"}
     rows = []
     for f in fields(config):
@@ -68,19 +61,27 @@ def tuner_fields(tuner: str, model: str | None = None) -> list[list[str]]:
             else (f.default_factory() if f.default_factory is not MISSING else None)
         )
         default = overrides.get(f.name, default)
-        rows.append([f.name, _text(default), " ".join(docs.get(f.name, "").split())])
+        help_ = " ".join(docs.get(f.name, "").split())
+        rows.append([f.name, _text(default), f"{TARGETS_NOTE} {help_}" if f.name == "target_modules" else help_])
     return rows
 
 
-def tuner_args(rows: list[list[Any]], tuner: str, extra: str = "", model: str | None = None) -> str:
-    """`--tuner-args` text: the fields whose value differs from the run's default, then `extra`."""
-    defaults = {name: default for name, default, _ in tuner_fields(tuner, model)}
+def tuner_args(rows: list[list[Any]], tuner: str, extra: str = "") -> str:
+    """`--tuner-args` text: the table's fields whose value differs from the run's default, then
+    `extra` (whose keys win over the table's)."""
+    from deltatune.cli.parsing import parse_tuner_args
+
+    defaults = {name: default for name, default, _ in tuner_fields(tuner)}
+    try:
+        in_extra = set(parse_tuner_args(extra)) if extra.strip() else set()
+    except Exception:  # noqa: BLE001 - a half-typed box; the command shows it and the CLI explains
+        in_extra = set()
     parts = []
     for row in rows or []:
         if len(row) < 2:
             continue
         name, value = str(row[0]).strip(), str(row[1] if row[1] is not None else "").strip()
-        if name in defaults and value != defaults[name] and value != "":
+        if name in defaults and value != defaults[name] and value != "" and name not in in_extra:
             parts.append(f"{name}={value}")
     if extra.strip():
         parts.append(extra.strip())

@@ -163,7 +163,15 @@ def test_train_stop_resume_chat_export_in_browser(browser, tmp_path):
         _fill(page, "eval-model", model_dir)
         _fill(page, "eval-adapter", run / "adapter")
         _fill(page, "eval-dataset", data)
-        _wait_text(page, "eval-command", r"^deltatune eval --model .* --adapter .*adapter --dataset .*data\.jsonl")
+        _fill(page, "eval-max-length", 32)
+        _fill(page, "eval-generate", 2)
+        _wait_text(
+            page,
+            "eval-command",
+            r"^deltatune eval --model .* --adapter .*adapter --dataset .*data\.jsonl .*--generate 2$",
+        )
+        page.click("#eval-run")
+        _wait_text(page, "eval-output", r"perplexity.*\(exit status 0\)", timeout_s=120)
         _shot(page, shots, "eval")
         page.get_by_role("tab", name="Export").click()
         _fill(page, "export-model", model_dir)

@@ -45,8 +45,9 @@ def test_tuner_fields_have_docstrings_and_only_changes_become_tuner_args():
     assert by_name["r"][0] == "8" and "Rank of the update" in by_name["r"][1]
     assert "target_modules" in by_name
     assert by_name["lora_alpha"][0] == "16"  # the run default `deltatune sft` fills in, not the class's 8
-    registry = {name: default for name, default, _ in runs.tuner_fields("lora", "smollm2-135m-instruct")}
-    assert registry["target_modules"] == "[q_proj,v_proj]" and by_name["target_modules"][0] == "all-linear"
+    assert by_name["target_modules"][0] == "" and "registry's targets" in by_name["target_modules"][1]
+    table_says = [[n, "[q_proj]" if n == "target_modules" else d, h] for n, d, h in rows]
+    assert runs.tuner_args(table_says, "lora", "target_modules=[v_proj]") == "target_modules=[v_proj]"  # box wins
     edited = [[n, "16" if n == "r" else d, h] for n, d, h in rows]
     assert runs.tuner_args(edited, "lora", "target_modules=[q_proj]") == "r=16,target_modules=[q_proj]"
     assert runs.tuner_args(rows, "lora") == ""
@@ -80,3 +81,41 @@ def test_interrupted_run_is_resumable_and_its_resume_command_finishes_it(tmp_pat
     assert "resumed from" in capsys.readouterr().out
     assert runs.run_status(out)["status"] == "finished" and runs.run_status(out)["step"] == 6
     assert [r["step"] for r in runs.read_logs(out) if r.get("event") == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_chat_rows_equal_separate_models_and_adapters_join_without_reloading_the_base(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.core.tuned_model import TunedModel
+    from deltatune.webui.chat import EMPTY, ChatModel
+
+    torch.set_num_threads(1)
+    model_dir, data = make_assets(tmp_path)
+    assert main(sft_flags(model_dir, data, tmp_path / "a", "--lr", "5e-2")) == 0
+    assert main(sft_flags(model_dir, data, tmp_path / "b", "--seed", "7", "--lr", "5e-2")) == 0
+    chat = ChatModel()
+    *_, first = chat.stream(str(model_dir), [str(tmp_path / "a" / "adapter")], "add one and two", 6)
+    base_object = chat.model
+    *_, both = chat.stream(str(model_dir), [str(tmp_path / "a" / "adapter"), str(tmp_path / "b" / "adapter")],
+                           "add one and two", 6)  # fmt: skip
+    assert chat.model is base_object and list(chat.adapters) == ["adapter1", "adapter2"]  # base loaded once
+    assert both[:2] == first
+
+    def alone(adapter):  # the same prompt through a model holding only that adapter (or none)
+        tok = chat.tokenizer
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        if adapter:
+            model = TunedModel.from_pretrained(model, str(adapter))
+        text = tok.apply_chat_template([{"role": "user", "content": "add one and two"}], add_generation_prompt=True,
+                                       tokenize=False)  # fmt: skip
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        ids = out[0, enc["input_ids"].shape[1] :].tolist()
+        ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+        return tok.decode(ids, skip_special_tokens=True) or EMPTY
+
+    expected = [alone(None), alone(tmp_path / "a" / "adapter"), alone(tmp_path / "b" / "adapter")]
+    assert len(set(expected)) > 1  # the adapters change the answer, so the comparison means something
+    assert both == expected
