@@ -1,6 +1,7 @@
 """Run by tests/train/test_distributed.py under torch.distributed.run: two AdamW steps of LoRA, DoRA
 and IA3 under deltatune's FSDP2 layout on this rank's slice of a batch; rank 0 saves the gathered
-adapters (safetensors) to argv[1]. With no process group (one process) it trains unsharded."""
+adapters (safetensors) to argv[1]. With no process group (one process) it trains unsharded. Sharded,
+it also checks that a resume from gathered state into fresh shards is bit-identical."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ CONFIGS = {
 }
 
 
-def train(kind: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+def build(kind: str, world: int):
     tuner, fields = CONFIGS[kind]
     torch.manual_seed(0)
     tuned = get_tuned_model(build_model(320), get_spec(tuner).config(task_type="CAUSAL_LM", **fields))
@@ -36,20 +37,53 @@ def train(kind: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     if world > 1:
         dist.record_shapes(tuned, "default")
         dist.shard_fsdp2(tuned, torch.device("cpu"), world)
-    params = [p for p in tuned.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2, foreach=False)
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2, foreach=False)
+    return tuned, optimizer
+
+
+def steps(tuned, optimizer, rank: int, world: int, count: int = 2) -> None:
     batch = torch.randint(0, 320, (4, 12), generator=torch.Generator().manual_seed(1))
     mine = batch.chunk(world)[rank]  # equal token counts: the mean over ranks is the full batch's mean
-    for _ in range(2):
+    for _ in range(count):
         tuned(input_ids=mine, labels=mine).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert all(p.grad is None for p in tuned.parameters() if not p.requires_grad)  # frozen: no gradient
+
+
+def gathered(tuned) -> dict[str, torch.Tensor]:
     with dist.full_view(tuned):
-        state = {k: v.detach().clone().contiguous() for k, v in tuned.adapter_state_dict("default").items()}
+        return {k: v.detach().clone().contiguous() for k, v in tuned.adapter_state_dict("default").items()}
+
+
+def train(kind: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    tuned, optimizer = build(kind, world)
+    steps(tuned, optimizer, rank, world)
+    assert all(p.grad is None for p in tuned.parameters() if not p.requires_grad)  # frozen: no gradient
+    state = gathered(tuned)
     if world > 1:
         dist.check_saveable(state, dist.recorded_shapes(tuned), kind)
+        resume_is_exact(kind, tuned, optimizer, rank, world)
     return state
+
+
+def resume_is_exact(kind: str, tuned, optimizer, rank: int, world: int) -> None:
+    """Full adapter + optimizer state taken from the shards, loaded into a fresh sharded model and
+    optimizer (as a checkpoint resume does): two more steps are bit-identical to continuing."""
+    with dist.full_view(tuned, optimizer) as full:
+        weights = {k: v.detach().clone() for k, v in tuned.adapter_state_dict("default").items()}
+        saved = full.state_dict()
+        saved = {"state": {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                           for i, s in saved["state"].items()}, "param_groups": saved["param_groups"]}  # fmt: skip
+    steps(tuned, optimizer, rank, world)
+    fresh, fresh_optimizer = build(kind, world)
+    with dist.full_view(fresh):
+        fresh.load_adapter_state_dict("default", weights)
+    fresh_optimizer.load_state_dict(saved)
+    dist.reshard_optimizer_state(fresh_optimizer)
+    steps(fresh, fresh_optimizer, rank, world)
+    continued, resumed = gathered(tuned), gathered(fresh)
+    for key in continued:
+        assert torch.equal(continued[key], resumed[key]), f"{kind}: {key} differs after resume"
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def test_deepspeed_modes_are_refused_with_the_fix(tmp_path, capsys):
 @pytest.mark.slow
 def test_fsdp2_lora_dora_ia3_match_one_process(tmp_path):
     """Two FSDP2 steps on 2 gloo processes (half the batch each) = 1 process on the whole batch, for
-    LoRA, DoRA and IA3 (adapters in their own units; frozen weights get no gradient)."""
+    LoRA, DoRA and IA3 (adapters in their own units; frozen weights get no gradient); the worker also
+    asserts that resuming from gathered adapter + optimizer state into fresh shards is bit-identical."""
     worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for procs in (1, 2):
