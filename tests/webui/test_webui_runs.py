@@ -119,3 +119,32 @@ def test_chat_rows_equal_separate_models_and_adapters_join_without_reloading_the
     expected = [alone(None), alone(tmp_path / "a" / "adapter"), alone(tmp_path / "b" / "adapter")]
     assert len(set(expected)) > 1  # the adapters change the answer, so the comparison means something
     assert both == expected
+
+
+def test_password_guards_the_page_and_its_api(tmp_path):
+    import http.cookiejar
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    pytest.importorskip("gradio", reason="Gradio is not installed (pip install -e '.[test]')")
+    from deltatune.webui.app import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = launch("127.0.0.1", port, password="pw", runs_dir=str(tmp_path), block=False)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for path in ("/config", "/gradio_api/info"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + path, timeout=30)
+            assert refused.value.code == 401
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(base + "/login", data=urllib.parse.urlencode({"username": "me", "password": "no"}).encode())
+        opener.open(base + "/login", data=urllib.parse.urlencode({"username": "me", "password": "pw"}).encode())
+        assert opener.open(base + "/config", timeout=30).status == 200
+    finally:
+        app.close()
