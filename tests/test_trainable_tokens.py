@@ -94,8 +94,28 @@ def test_tied_embeddings_train_the_head_rows_too_and_cross_with_peft(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     back = dt.TunedModel.from_pretrained(_tied(), tmp_path / "theirs")
     torch.testing.assert_close(_logits(back), ours, atol=1e-5, rtol=0)
-    with pytest.raises(dt.ConfigError, match="tied"):  # not yet: LoRA's trainable_token_indices on tied embeddings
-        dt.get_tuned_model(_tied(), dt.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3]))
+
+
+def test_lora_token_rows_on_tied_embeddings_equal_peft(tmp_path):
+    config = dict(target_modules=["q_proj"], trainable_token_indices=[3, 5], init_lora_weights=False)
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(_tied(), peft.LoraConfig(**config))
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].add_(0.5)
+    expected = _logits(theirs.eval())
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = dt.TunedModel.from_pretrained(_tied(), tmp_path / "theirs")
+    torch.testing.assert_close(_logits(ours), expected, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(_tied(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(back), expected, atol=1e-5, rtol=0)
+    plain = torch.tensor([[1, 9, 11]])  # no trained token in the input: only the tied head sees the rows
+    with torch.no_grad():
+        before = ours(input_ids=plain).logits
+        ours.model.model.embed_tokens.deltas["default"].token_adapter.trainable_tokens_delta.add_(1.0)
+        after = ours(input_ids=plain).logits
+    assert (after[..., 3] - before[..., 3]).abs().max() > 1e-3  # the trained token's logit moved
+    torch.testing.assert_close(after[..., 4], before[..., 4])  # another token's did not
 
 
 @pytest.mark.parametrize("indices", [IDS, {"embed_tokens": IDS}])

@@ -10,10 +10,9 @@ replaced rows too, as in peft.
 
 File layout is peft's: "<embedding>.trainable_tokens_delta", shaped (len(token_indices), dim).
 LoraConfig(trainable_token_indices=[ids] or {embedding name: [ids]}) adds such rows to a LoRA adapter
-(peft's key "<embedding>.token_adapter.trainable_tokens_delta"). Untied embeddings only for now: a
-LoRA on a model whose output head shares the table is refused. The standalone tuner handles tied
-embeddings as peft does: the head's logits for the trained tokens use the same trained rows, and the
-file holds them under both modules' keys.
+(peft's key "<embedding>.token_adapter.trainable_tokens_delta"). Tied embeddings are handled as peft
+does: the output head's logits for the trained tokens use the same trained rows; the standalone
+tuner's file holds them under both modules' keys, LoRA's under the embedding's only (as peft's).
 """
 
 from __future__ import annotations
@@ -106,16 +105,6 @@ def build(config: TrainableTokensConfig, info: LayerInfo, module_name: str) -> n
     return TokenRows(info.in_features, info.out_features, list(config.token_indices), init=config.init_weights)
 
 
-def _refuse_tied(model: nn.Module, target: str, table: torch.Tensor) -> None:
-    """Refuse a table the output head shares (tied embeddings): its logits would keep the old rows."""
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if param is table and not name.startswith(f"{target}."):
-            raise ConfigError(
-                f"{target!r} shares its weight with {name!r} (tied embeddings); trainable tokens on tied "
-                "embeddings are not supported yet: untie them (tie_word_embeddings=False)"
-            )
-
-
 def _tied_users(model: nn.Module, target: str, table: torch.Tensor) -> list[str]:
     """Modules other than `target` whose own weight is `table` (an output head tied to the embedding)."""
     from deltatune.core.wrapper import DeltaWrapper
@@ -155,26 +144,33 @@ class TiedHead(nn.Module):
 def connect(model: nn.Module, config: TrainableTokensConfig, adapter_name: str, targets: list[str]):
     """An output head tied to a target embedding gets the trained rows too (peft wraps it the same
     way); it joins the adapter's targets, so its file key is written and read as peft's."""
-    from deltatune import backends
-    from deltatune.core import inject
-    from deltatune.core.wrapper import DeltaWrapper
 
     for target in list(targets):
         wrapper = model.get_submodule(target)
         for name in _tied_users(model, target, wrapper.base_layer.weight):
-            module = model.get_submodule(name)
-            head = module if isinstance(module, DeltaWrapper) else None
-            base = head.base_layer if head else module
-            info = backends.describe(base)
-            if info is None or info.kind != "linear":
-                raise ConfigError(f"{name!r} shares {target!r}'s weight but is not a linear head; untie them")
-            if head is None:
-                head = DeltaWrapper(base, info)
-                head.train(base.training)
-                inject._set_module(model, name, head)
-            head.deltas[adapter_name] = TiedHead(wrapper.deltas[adapter_name])
+            _add_tied_head(model, name, target, adapter_name, lambda w=wrapper: TiedHead(w.deltas[adapter_name]))
             targets.append(name)
     return None
+
+
+def _add_tied_head(model: nn.Module, name: str, target: str, adapter_name: str, make) -> None:
+    from deltatune import backends
+    from deltatune.core import inject
+    from deltatune.core.wrapper import DeltaWrapper
+
+    module = model.get_submodule(name)
+    head = module if isinstance(module, DeltaWrapper) else None
+    if head is not None and adapter_name in head.deltas:
+        raise ConfigError(f"{name!r} is tied to {target!r} and is an adapter target itself; drop one of them")
+    base = head.base_layer if head else module
+    info = backends.describe(base)
+    if info is None or info.kind != "linear":
+        raise ConfigError(f"{name!r} shares {target!r}'s weight but is not a linear head; untie them")
+    if head is None:
+        head = DeltaWrapper(base, info)
+        head.train(base.training)
+        inject._set_module(model, name, head)
+    head.deltas[adapter_name] = make().train(base.training)
 
 
 def file_keys(tensors: dict[str, torch.Tensor], targets: list[str]) -> dict[str, torch.Tensor]:
@@ -252,7 +248,6 @@ def add_token_rows(
         info = backends.describe(base)
         if info is None or info.kind != "embedding":
             raise ConfigError(f"trainable_token_indices names {name!r}, which is not an embedding")
-        _refuse_tied(model, name, base.weight)
         rows = TokenRows(info.in_features, info.out_features, ids, init=True).to(base.weight.device)
         rows.init_from_base(lambda b=base: backends.read_weight(b), None)
         if wrapper is None:
@@ -260,6 +255,8 @@ def add_token_rows(
             wrapper.train(base.training)
             inject._set_module(model, name, wrapper)
         wrapper.deltas[adapter_name] = TokenAdapter(rows).train(base.training)
+        for head_name in _tied_users(model, name, base.weight):  # a tied output head: the same rows (peft's file: once)
+            _add_tied_head(model, head_name, name, adapter_name, lambda r=rows: TokenAdapter(TiedHead(r)))
 
 
 SPEC = TunerSpec(
