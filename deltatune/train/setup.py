@@ -62,7 +62,7 @@ def default_fields(tuner: str, model_spec: ModelSpec | None) -> dict[str, Any]:
     """The registry's defaults of a causal LM run: targets by role, else every linear layer."""
     spec = get_spec(tuner)
     defaults: dict[str, Any] = dict(model_spec.targets_for(spec.name)) if model_spec else {}
-    if model_spec is None and spec.kind == "delta":
+    if model_spec is None and spec.kind == "delta" and "linear" in spec.dispatch:  # not e.g. trainable_tokens
         defaults["target_modules"] = "all-linear"
     defaults["task_type"] = model_spec.task_type if model_spec else "CAUSAL_LM"
     return defaults

@@ -36,6 +36,7 @@ class TrainableTokensConfig(TunerConfig):
     tuner_name = "trainable_tokens"
     peft_type = "TRAINABLE_TOKENS"
     sidecar_fields = frozenset({"exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"})
+    run_defaults = {"token_indices": [0, 1, 2]}  # `--tuner trainable_tokens` alone: the first ids (special tokens)
 
     token_indices: list[int] = field(default_factory=list)
     """Rows of the embedding that train (token ids)."""
