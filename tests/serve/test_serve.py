@@ -9,7 +9,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from conftest import ADAPTERS, build_model  # noqa: E402
+from conftest import ADAPTERS, build_model, post  # noqa: E402
 
 QUESTIONS = ["add one and two please", "add three and four", "add seven and zero please please", "add five and five",
              "add nine and two", "add six and eight please"]  # fmt: skip
@@ -123,8 +123,6 @@ def test_sampling_params_seed_n_stop(server):
 
 
 def test_bad_requests_get_4xx_json_errors(server):
-    from conftest import post
-
     cli = client(server)
     with pytest.raises(openai.NotFoundError, match="not served; choose one of"):
         chat(cli, "nope", "hi")
