@@ -261,7 +261,19 @@ def build_app(runs_dir: str | Path = "runs"):
                                    info="adapter: a cleaned PEFT folder; merge: a plain transformers model; gguf: "
                                    "merged llama.cpp file; gguf-lora: llama.cpp LoRA file")  # fmt: skip
                 ex_overwrite = gr.Checkbox(False, label="--overwrite")
-            ex_form = [ex_model, ex_adapter, ex_out, ex_kind, ex_overwrite]
+            with gr.Row():
+                ex_gguf_type = gr.Dropdown(["", "f32", "f16", "bf16", "q8_0"], value="", label="--gguf-type",
+                                           info="GGUF kinds only; empty: f16 for gguf, f32 for gguf-lora",
+                                           elem_id="export-gguf-type")  # fmt: skip
+                ex_ollama = gr.Checkbox(False, label="--ollama (Modelfile beside the GGUF)", elem_id="export-ollama")
+                ex_push = gr.Textbox("", label="--push-to-hub REPO (empty: no upload)", elem_id="export-push")
+                ex_hub = gr.Radio(
+                    ["huggingface", "modelscope"], value="huggingface", label="--hub", elem_id="export-hub"
+                )
+                ex_private = gr.Checkbox(False, label="--private", elem_id="export-private")
+                ex_dry = gr.Checkbox(True, label="--dry-run (list what would be uploaded)", elem_id="export-dry-run")
+            ex_form = [ex_model, ex_adapter, ex_out, ex_kind, ex_overwrite, ex_gguf_type, ex_ollama, ex_push, ex_hub,
+                       ex_private, ex_dry]  # fmt: skip
             ex_cmd = gr.Textbox(runs.shown(runs.export_argv(*[c.value for c in ex_form])), label="the command it runs",
                                 buttons=["copy"], interactive=False, elem_id="export-command")  # fmt: skip
             ex_btn = gr.Button("Export", variant="primary", elem_id="export-run")

@@ -146,14 +146,25 @@ def eval_argv(model: str, adapter: str, dataset: str, max_length: int, generate:
     return argv + ["--dataset", dataset, "--max-length", str(int(max_length)), "--generate", str(int(generate))]
 
 
-def export_argv(model: str, adapter: str, output_dir: str, kind: str, overwrite: bool) -> list[str]:
-    """kind: "adapter" (cleaned PEFT folder), "merge", "gguf", "gguf-lora"."""
+def export_argv(
+    model: str, adapter: str, output_dir: str, kind: str, overwrite: bool, gguf_type: str = "", ollama: bool = False,
+    push_to_hub: str = "", hub: str = "huggingface", private: bool = False, dry_run: bool = False,
+) -> list[str]:  # fmt: skip
+    """kind: "adapter" (cleaned PEFT folder), "merge", "gguf", "gguf-lora"; the GGUF fields apply to the GGUF
+    kinds only, the hub fields only when `push_to_hub` names a repository."""
     argv = ["export", "--model", model, "--adapter", adapter, "--output-dir", output_dir]
     if kind == "merge":
         argv.append("--merge")
     elif kind in ("gguf", "gguf-lora"):
         argv += ["--to", kind]
-    return argv + (["--overwrite"] if overwrite else [])
+        argv += ["--gguf-type", gguf_type] if gguf_type else []
+        argv += ["--ollama"] if ollama else []
+    argv += ["--overwrite"] if overwrite else []
+    if push_to_hub.strip():
+        argv += ["--push-to-hub", push_to_hub.strip(), "--hub", hub or "huggingface"]
+        argv += ["--private"] if private else []
+        argv += ["--dry-run"] if dry_run else []
+    return argv
 
 
 # -- running commands -----------------------------------------------------------------------------

@@ -39,6 +39,18 @@ def test_shown_command_parses_to_the_form_values():
     assert args.overwrite and args.packing is False
 
 
+def test_export_command_carries_gguf_ollama_and_hub_fields_to_the_cli():
+    argv = runs.export_argv(
+        "tiny", "run/adapter", "out", "gguf", True, "q8_0", True, " me/demo ", "modelscope", True, True
+    )
+    ns = build_parser().parse_args(argv)
+    assert (ns.to, ns.gguf_type, ns.ollama, ns.overwrite) == ("gguf", "q8_0", True, True)
+    assert (ns.push_to_hub, ns.hub, ns.private, ns.dry_run) == ("me/demo", "modelscope", True, True)
+    merged = build_parser().parse_args(runs.export_argv("tiny", "a", "o", "merge", False, "f16", True, "", "x", True))
+    assert merged.merge and merged.gguf_type is None and not merged.ollama  # GGUF fields only for GGUF kinds
+    assert merged.push_to_hub is None and not merged.private  # hub fields only with a repository
+
+
 def test_tuner_fields_have_docstrings_and_only_changes_become_tuner_args():
     rows = runs.tuner_fields("lora")
     by_name = {name: (default, help_) for name, default, help_ in rows}
