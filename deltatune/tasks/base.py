@@ -42,6 +42,7 @@ class TaskData:
 class Task(Protocol):
     """One fine-tuning task. Optional methods the loop uses when present:
 
+    - `supports_packing = True`: the task concatenates examples under --packing (others are refused it).
     - `check_args(args)`: refuse flags the task cannot honour (ConfigError), before anything loads.
     - `length(example) -> int`: token count (enables --group-by-length / --split-by-length).
     - `structural() -> dict`: what a resumed run must share besides the tuner config (template hash).

@@ -27,6 +27,7 @@ from deltatune.text import word_count
 class CausalLMTask:
     name = "causal-lm"
     task_type = "CAUSAL_LM"
+    supports_packing = True
 
     def __init__(self) -> None:
         self.tokenizer: Any = None

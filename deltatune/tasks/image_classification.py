@@ -188,10 +188,8 @@ class ImageClassificationTask:
     def check_args(self, args: Any) -> None:
         from deltatune.core.config import ConfigError
 
-        refused = [("--quantize", args.quantize is not None), ("--packing", bool(getattr(args, "packing", False)))]
-        bad = [flag for flag, given in refused if given]
-        if bad:
-            raise ConfigError(f"--task image-classification does not support {', '.join(bad)}; drop it")
+        if args.quantize is not None:
+            raise ConfigError("--task image-classification does not support --quantize; drop it")
 
     def load_processor(self, args: Any, log: Log, given: Any = None) -> ImageTransform:
         self.info = image_model_info(args.model)

@@ -43,12 +43,6 @@ class ImageToTextTask:
         self.num_image_tokens = 0
         self.image_token_id = 0
 
-    def check_args(self, args: Any) -> None:
-        from deltatune.core.config import ConfigError
-
-        if getattr(args, "packing", False):
-            raise ConfigError(f"--task {self.name} does not support --packing; drop it")
-
     def load_processor(self, args: Any, log: Log, given: Any = None) -> ImageTransform:
         from transformers import AutoConfig, AutoTokenizer
 

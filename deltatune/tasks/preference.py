@@ -51,6 +51,7 @@ class PreferenceTask(CausalLMTask):
 
     name = "dpo"
     uses_reference = True
+    supports_packing = False  # a pair is its own pair of rows
     length = None  # no --group/--split-by-length: a pair is two rows, and ORPO/CPO's NLL is a per-batch token mean
 
     def __init__(self) -> None:
@@ -84,8 +85,6 @@ class PreferenceTask(CausalLMTask):
         self.ref_adapter = getattr(args, "ref_adapter", None)
         if self.ref_adapter and not self.uses_reference:
             raise ConfigError(f"--ref-adapter: {self.name} uses no reference model; drop the flag")
-        if getattr(args, "packing", False):
-            raise ConfigError(f"--packing does not apply to {self.name} (each pair is its own pair of rows)")
 
     def structural(self) -> dict[str, Any]:
         """A resumed run must keep the method and its loss settings (they change every gradient)."""

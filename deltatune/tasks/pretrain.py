@@ -90,6 +90,7 @@ def encode_documents(tokenizer: Any, documents: list[str], max_length: int) -> l
 
 class PretrainTask:
     name = "pretrain"
+    supports_packing = True
 
     def __init__(self) -> None:
         self.lm = CausalLMTask()  # loading, loss and metrics are the causal LM's

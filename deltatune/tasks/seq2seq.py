@@ -44,12 +44,6 @@ class Seq2SeqTask:
         self.source: str | None = None
         self.pad_id = 0
 
-    def check_args(self, args: Any) -> None:
-        from deltatune.core.config import ConfigError
-
-        if getattr(args, "packing", False):
-            raise ConfigError(f"--task {self.name} does not support --packing; drop it")
-
     def _source(self, args: Any, log: Log) -> str:
         from deltatune.models import resolve_model
 

@@ -43,9 +43,8 @@ class TextToImageTask:
     def check_args(self, args: Any) -> None:
         from deltatune.core.config import ConfigError
 
-        bad = [flag for flag, given in (("--quantize", args.quantize), ("--packing", args.packing)) if given]
-        if bad:
-            raise ConfigError(f"--task {self.name} does not support {', '.join(bad)}; drop it")
+        if args.quantize:
+            raise ConfigError(f"--task {self.name} does not support --quantize; drop it")
         self.out = Path(args.output_dir) if args.output_dir else None
 
     def load_processor(self, args: Any, log: Log, given: Any = None) -> ImageTransform:

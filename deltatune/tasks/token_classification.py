@@ -35,12 +35,6 @@ class TokenClassificationTask:
         self.pad_id = 0
         self.labels: list[str] | None = None  # fixed label table (evaluating a trained run's head)
 
-    def check_args(self, args: Any) -> None:
-        from deltatune.core.config import ConfigError
-
-        if getattr(args, "packing", False):
-            raise ConfigError(f"--task {self.name} does not support --packing (one row is one example); drop it")
-
     def _source(self, args: Any, log: Log) -> str:
         if self.source is None:
             self.source = resolve_encoder(args.model, log)

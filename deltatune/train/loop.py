@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from deltatune.core.config import ConfigError
 from deltatune.core.tuned_model import TunedModel, get_tuned_model
 from deltatune.io.provenance import template_sha256
 from deltatune.tasks.base import TaskData, headline
@@ -125,6 +126,8 @@ def train(
     started = time.time()
     args.validate()
     task = get_task(args.task)
+    if args.packing and not getattr(task, "supports_packing", False):
+        raise ConfigError(f"--task {task.name} does not support --packing (it keeps one example per row); drop it")
     if hasattr(task, "check_args"):
         task.check_args(args)
     model_spec = get_model_spec(args.model) if model is None else None

@@ -10,6 +10,7 @@ from train_helpers import build_model, build_tokenizer, synthetic_rows
 import deltatune as dt
 from deltatune.data import collate, encode_rows, pack
 from deltatune.tasks.causal_lm import CausalLMTask
+from deltatune.tasks.registry import task_names
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
@@ -84,3 +85,22 @@ def test_the_task_loss_on_packed_batches_is_the_unpacked_sum(examples):
     assert task.units(packed) == task.units(unpacked)
     with torch.no_grad():
         torch.testing.assert_close(task.loss_sum(model, packed), task.loss_sum(model, unpacked), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", task_names())
+def test_packing_is_refused_up_front_by_every_task_that_does_not_pack(name, tmp_path):
+    from deltatune.core.config import ConfigError
+    from deltatune.tasks.registry import get_task
+    from deltatune.train.args import TrainArgs
+    from deltatune.train.loop import train
+
+    args = TrainArgs(task=name, packing=True, model="no-such-model", dataset="no-such-data", max_steps=1,
+                     output_dir=str(tmp_path / "out"))  # fmt: skip
+    if getattr(get_task(name), "supports_packing", False):  # these go on to load the (missing) model or data
+        with pytest.raises(Exception, match="no-such") as err:
+            train(args)
+        assert "packing" not in str(err.value)
+    else:
+        with pytest.raises(ConfigError, match=f"--task {name} does not support --packing"):
+            train(args)
+    assert not (tmp_path / "out").exists()  # refused before the output folder was made
